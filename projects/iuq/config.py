@@ -1,0 +1,126 @@
+"""`MODEL.IUQ` configuration keys, with the paper's defaults, and their validation.
+
+Works on any yacs/fvcore ``CfgNode`` (detectron2's ``CfgNode`` is a subclass), so the core can be
+configured and tested without detectron2.
+"""
+from fvcore.common.config import CfgNode as CN
+
+INTER_LOSSES = ("focal", "l1", "l2", "ce")
+SAMPLINGS = ("instance", "image", "dense")
+TRANSFORMS = ("flip", "crop", "rotation", "scale")
+EQUI_MODES = ("full", "feature", "augment")
+MEMORY_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def add_iuq_config(cfg):
+    """Add ``cfg.MODEL.IUQ`` with the defaults of Wang et al., NeurIPS 2022 (best ablation rows)."""
+    cfg.MODEL.IUQ = CN()
+    cfg.MODEL.IUQ.ENABLED = True
+
+    # Inter-scene uniqueness (Eq. 5): queries must not fire on other images' pixels.
+    cfg.MODEL.IUQ.INTER = CN()
+    cfg.MODEL.IUQ.INTER.ENABLED = True
+    cfg.MODEL.IUQ.INTER.LOSS = "focal"  # focal | l1 | l2 | ce  (Table 4b)
+    cfg.MODEL.IUQ.INTER.ALPHA = 0.1
+    cfg.MODEL.IUQ.INTER.GAMMA = 2.5
+    cfg.MODEL.IUQ.INTER.WEIGHT = 1.0
+    # Memory samples decoded per chunk: bounds the loss's peak memory at Q x CHUNK_SIZE logits.
+    cfg.MODEL.IUQ.INTER.CHUNK_SIZE = 4096
+
+    # External memory of pixel samples from past batches (a FIFO queue).
+    cfg.MODEL.IUQ.MEMORY = CN()
+    cfg.MODEL.IUQ.MEMORY.SIZE = 100000  # 0 = mini-batch only
+    cfg.MODEL.IUQ.MEMORY.SAMPLING = "instance"  # instance | image | dense
+    cfg.MODEL.IUQ.MEMORY.PIXELS_PER_INSTANCE = 50  # "instance" sampling
+    cfg.MODEL.IUQ.MEMORY.PIXELS_PER_IMAGE = 1000  # "image" sampling
+    cfg.MODEL.IUQ.MEMORY.DTYPE = "float32"  # storage dtype of the embeddings
+
+    # Transformation equivariance (Eq. 6-8).
+    cfg.MODEL.IUQ.EQUI = CN()
+    cfg.MODEL.IUQ.EQUI.ENABLED = True
+    cfg.MODEL.IUQ.EQUI.WEIGHT = 3.0
+    cfg.MODEL.IUQ.EQUI.TRANSFORMS = ("flip", "crop")  # + "rotation", "scale" (supplementary)
+    cfg.MODEL.IUQ.EQUI.CROP_RANGE = (0.6, 1.0)  # relative side length of the crop
+    cfg.MODEL.IUQ.EQUI.ROTATION_RANGE = (0.0, 60.0)  # degrees
+    cfg.MODEL.IUQ.EQUI.SCALE_RANGE = (0.5, 2.0)
+    # full: <q^g, g(F)>;  feature: only the feature side is transformed, <q, g(F)> vs g(M);
+    # augment: transformed images as plain augmentation, <q^g, F^g> (Table 4d).
+    cfg.MODEL.IUQ.EQUI.MODE = "full"
+
+
+def _fail(key, value, why):
+    raise ValueError(f"Invalid config MODEL.IUQ.{key} = {value!r}: {why}")
+
+
+def _check_choice(node, key, choices):
+    value = _get(node, key)
+    if value not in choices:
+        _fail(key, value, f"must be one of {list(choices)}")
+
+
+def _check_number(node, key, low=0.0, high=None, integer=False, strict=False):
+    value = _get(node, key)
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        _fail(key, value, "must be an integer" if integer else "must be a number")
+    if value < low or (strict and value == low):
+        _fail(key, value, f"must be {'>' if strict else '>='} {low}")
+    if high is not None and value > high:
+        _fail(key, value, f"must be <= {high}")
+
+
+def _check_range(node, key, low, high, low_open=False):
+    value = _get(node, key)
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        _fail(key, value, "must be a pair (min, max)")
+    a, b = value
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
+        _fail(key, value, "both ends must be numbers")
+    if a > b:
+        _fail(key, value, "is reversed (min > max)")
+    if a < low or (low_open and a == low) or b > high:
+        bracket = "(" if low_open else "["
+        _fail(key, value, f"must lie within {bracket}{low}, {high}]")
+
+
+def _get(node, dotted):
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def validate_iuq_config(cfg):
+    """Raise ``ValueError`` naming the key and value of the first impossible ``MODEL.IUQ`` entry."""
+    if "IUQ" not in cfg.MODEL:
+        raise ValueError("Config has no MODEL.IUQ section: call iuq.add_iuq_config(cfg) first")
+    node = cfg.MODEL.IUQ
+    for key in ("ENABLED", "INTER.ENABLED", "EQUI.ENABLED"):
+        if not isinstance(_get(node, key), bool):
+            _fail(key, _get(node, key), "must be True or False")
+
+    _check_choice(node, "INTER.LOSS", INTER_LOSSES)
+    _check_number(node, "INTER.ALPHA", high=1.0)
+    _check_number(node, "INTER.GAMMA")
+    _check_number(node, "INTER.WEIGHT")
+    _check_number(node, "INTER.CHUNK_SIZE", low=0, integer=True, strict=True)
+
+    _check_number(node, "MEMORY.SIZE", integer=True)
+    _check_choice(node, "MEMORY.SAMPLING", SAMPLINGS)
+    _check_number(node, "MEMORY.PIXELS_PER_INSTANCE", low=0, integer=True, strict=True)
+    _check_number(node, "MEMORY.PIXELS_PER_IMAGE", low=0, integer=True, strict=True)
+    _check_choice(node, "MEMORY.DTYPE", MEMORY_DTYPES)
+
+    _check_number(node, "EQUI.WEIGHT")
+    _check_choice(node, "EQUI.MODE", EQUI_MODES)
+    transforms = node.EQUI.TRANSFORMS
+    if not isinstance(transforms, (tuple, list)):
+        _fail("EQUI.TRANSFORMS", transforms, "must be a list of transform names")
+    for name in transforms:
+        if name not in TRANSFORMS:
+            _fail("EQUI.TRANSFORMS", transforms, f"unknown transform {name!r}; known: {list(TRANSFORMS)}")
+    if node.EQUI.ENABLED and node.ENABLED and not transforms:
+        _fail("EQUI.TRANSFORMS", transforms, "is empty while MODEL.IUQ.EQUI.ENABLED is True")
+    _check_range(node, "EQUI.CROP_RANGE", 0.0, 1.0, low_open=True)
+    _check_range(node, "EQUI.ROTATION_RANGE", -180.0, 180.0)
+    _check_range(node, "EQUI.SCALE_RANGE", 0.0, float("inf"), low_open=True)
+    return cfg

@@ -1,0 +1,147 @@
+"""Pixel samples: the unit the memory stores and the inter-scene loss contrasts with, and the three
+ways of drawing them from a batch that the paper ablates (Table 4c).
+
+All strategies draw foreground pixels only (pixels inside some instance mask): background pixels
+are never stored, since a query firing on background is already penalised by its own image's
+mask loss, and the memory's capacity is better spent on instances, which are what a query could
+wrongly match.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PixelSamples:
+    """``embeddings`` [N, D], ``locations`` [N, 2] as (x, y) in input-image pixels (float32),
+    ``image_ids`` [N] int64 dataset-level ids."""
+
+    embeddings: torch.Tensor
+    locations: torch.Tensor
+    image_ids: torch.Tensor
+
+    def __post_init__(self):
+        n = self.embeddings.shape[0]
+        if self.embeddings.dim() != 2 or self.locations.shape != (n, 2) or self.image_ids.shape != (n,):
+            raise ValueError(
+                "PixelSamples needs embeddings [N, D], locations [N, 2] and image_ids [N]; got "
+                f"{tuple(self.embeddings.shape)}, {tuple(self.locations.shape)}, "
+                f"{tuple(self.image_ids.shape)}"
+            )
+
+    def __len__(self):
+        return self.embeddings.shape[0]
+
+    def __getitem__(self, index):
+        return PixelSamples(self.embeddings[index], self.locations[index], self.image_ids[index])
+
+    @staticmethod
+    def empty(dim, dtype=torch.float32, device="cpu"):
+        return PixelSamples(
+            torch.zeros(0, dim, dtype=dtype, device=device),
+            torch.zeros(0, 2, device=device),
+            torch.zeros(0, dtype=torch.int64, device=device),
+        )
+
+    @staticmethod
+    def cat(parts):
+        return PixelSamples(
+            torch.cat([p.embeddings for p in parts]),
+            torch.cat([p.locations for p in parts]),
+            torch.cat([p.image_ids for p in parts]),
+        )
+
+    def detach(self):
+        return PixelSamples(self.embeddings.detach(), self.locations, self.image_ids)
+
+
+def grid_locations(height, width, stride, device="cpu"):
+    """(x, y) input-image positions of the cells of a stride-``stride`` map, [H * W, 2], row-major.
+
+    Cell (i, j) sits at (j * stride + stride // 2, i * stride + stride // 2): the convention of
+    detectron2 / AdelaiDet's ``compute_locations``, so the relative coordinates a CondInst head
+    sees for a memory sample equal those it saw for the same pixel in its own image.
+    """
+    ys = torch.arange(height, device=device, dtype=torch.float32) * stride + stride // 2
+    xs = torch.arange(width, device=device, dtype=torch.float32) * stride + stride // 2
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([x.reshape(-1), y.reshape(-1)], dim=1)
+
+
+def _random_members(member, k):
+    """For each row of the bool matrix ``member`` [R, P], up to ``k`` random column indices where
+    it is True. Returns (rows, cols) of the chosen entries. One ``topk`` over random scores:
+    no Python loop over rows."""
+    if member.numel() == 0 or k == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=member.device)
+        return empty, empty
+    scores = torch.rand(member.shape, device=member.device)
+    scores = scores.masked_fill_(~member, -1.0)
+    values, cols = scores.topk(min(k, member.shape[1]), dim=1)
+    rows = torch.arange(member.shape[0], device=member.device)[:, None].expand_as(cols)
+    keep = values >= 0
+    return rows[keep], cols[keep]
+
+
+def sample_pixels(
+    embeddings,
+    instance_masks,
+    image_ids,
+    stride,
+    strategy="instance",
+    pixels_per_instance=50,
+    pixels_per_image=1000,
+):
+    """Draw foreground pixel samples from a batch's pixel-embedding map.
+
+    Args:
+        embeddings: [B, D, H, W] pixel embeddings of the (padded) batch.
+        instance_masks: list of B bool tensors [N_b, H, W]: each image's instance masks on the
+            embedding grid. Pixels outside every mask (background, padding) are never drawn.
+        image_ids: [B] int64 dataset-level image ids.
+        stride: input pixels per embedding cell.
+        strategy: "instance" (up to ``pixels_per_instance`` random pixels inside each instance:
+            the paper's instance-balanced sampling), "image" (up to ``pixels_per_image`` random
+            foreground pixels per image) or "dense" (every foreground pixel).
+
+    Returns:
+        :class:`PixelSamples` whose embeddings stay attached to ``embeddings``' graph (callers
+        use them as mini-batch negatives; the memory detaches what it stores).
+    """
+    b, d, h, w = embeddings.shape
+    if len(instance_masks) != b or len(image_ids) != b:
+        raise ValueError(
+            f"sample_pixels: {b} embedding maps but {len(instance_masks)} mask sets and "
+            f"{len(image_ids)} image ids"
+        )
+    for i, m in enumerate(instance_masks):
+        if m.dim() != 3 or tuple(m.shape[1:]) != (h, w):
+            raise ValueError(
+                f"sample_pixels: masks of image {i} have shape {tuple(m.shape)}, expected "
+                f"[N, {h}, {w}] (the embedding grid)"
+            )
+    device = embeddings.device
+    image_ids = torch.as_tensor(image_ids, device=device, dtype=torch.int64)
+    masks = [m.to(device=device, dtype=torch.bool).reshape(m.shape[0], h * w) for m in instance_masks]
+
+    if strategy == "instance":
+        owner = torch.cat(
+            [torch.full((m.shape[0],), i, device=device, dtype=torch.int64) for i, m in enumerate(masks)]
+        )
+        rows, pixels = _random_members(torch.cat(masks), pixels_per_instance)
+        images = owner[rows]
+    else:
+        foreground = torch.stack([m.any(dim=0) for m in masks])  # [B, H*W]
+        if strategy == "image":
+            images, pixels = _random_members(foreground, pixels_per_image)
+        elif strategy == "dense":
+            images, pixels = foreground.nonzero(as_tuple=True)
+        else:
+            raise ValueError(f"Unknown sampling strategy {strategy!r}; use instance, image or dense")
+
+    flat = embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
+    return PixelSamples(
+        flat[images * (h * w) + pixels],
+        grid_locations(h, w, stride, device)[pixels],
+        image_ids[images],
+    )

@@ -151,12 +151,15 @@ class Affine(Transform):
         xs = (torch.arange(ww, dtype=torch.float64) + 0.5) * unit
         y, x = torch.meshgrid(ys, xs, indexing="ij")
         pts = torch.stack([x, y, torch.ones_like(x)], dim=-1) @ self.inverse.t()  # [H', W', 2]
-        norm = torch.stack(
-            [pts[..., 0] / in_extent[1] * 2 - 1, pts[..., 1] / in_extent[0] * 2 - 1], dim=-1
-        )
+        x, y = pts[..., 0], pts[..., 1]
+        inside = (x >= 0) & (x < in_extent[1]) & (y >= 0) & (y < in_extent[0])
+        norm = torch.stack([x / in_extent[1] * 2 - 1, y / in_extent[0] * 2 - 1], dim=-1)
+        # "border" keeps the half-pixel rim of the source from fading towards zero (a 2x resize
+        # then equals F.interpolate's bilinear); points that fall outside the source are zeros.
         out = F.grid_sample(
-            t4, norm[None].to(t4), mode="bilinear", padding_mode="zeros", align_corners=False
+            t4, norm[None].to(t4), mode="bilinear", padding_mode="border", align_corners=False
         )
+        out = out * inside.to(out)
         return out[0].reshape(lead + (hh, ww))
 
     def apply_image(self, image, pad_value=0.0):

@@ -150,19 +150,34 @@ def saved_bytes(fn):
     return out, sum(storages.values())
 
 
-def test_saved_memory_does_not_grow_with_queries_times_samples():
+@pytest.mark.parametrize("decode_kind", ["dot", "condinst"])
+def test_saved_memory_does_not_grow_with_queries_times_samples(decode_kind):
     torch.manual_seed(0)
-    q_count, m, d = 300, 40000, 16
-    queries = torch.randn(q_count, d, requires_grad=True)
-    mem = PixelSamples(torch.randn(m, d), torch.zeros(m, 2), torch.randint(0, 1000, (m,)))
+    q_count, m, d = 300, 20000, 8
+    if decode_kind == "dot":
+        from iuq.losses import dot_product_decode as decode
+
+        queries, meta = torch.randn(q_count, d), None
+    else:
+        decode = condinst_like_decode
+        queries = torch.randn(q_count, (d + 2) * 4 + 4 + 4 + 1) * 0.3
+        meta = {"locations": torch.rand(q_count, 2) * 100, "soi": torch.full((q_count,), 64.0)}
+    queries.requires_grad_(True)
+    batch = PixelSamples(torch.randn(500, d, requires_grad=True), torch.rand(500, 2) * 100, torch.randint(0, 1000, (500,)))
+    mem = PixelSamples(torch.randn(m, d), torch.rand(m, 2) * 100, torch.randint(0, 1000, (m,)))
     qids = torch.randint(0, 1000, (q_count,))
-    ours, ours_bytes = saved_bytes(lambda: inter_scene_loss(queries, qids, [mem], chunk_size=1024))
-    ref, ref_bytes = saved_bytes(lambda: naive_inter_scene_loss(queries, qids, [mem]))
-    q_by_m = q_count * m * 4
+    kwargs = dict(decode=decode, query_meta=meta)
+    ours, ours_bytes = saved_bytes(lambda: inter_scene_loss(queries, qids, [batch, mem], chunk_size=1024, **kwargs))
+    ref, ref_bytes = saved_bytes(lambda: naive_inter_scene_loss(queries, qids, [batch, mem], **kwargs))
+    q_by_m = q_count * (m + 500) * 4
     assert ref_bytes > q_by_m  # the naive version keeps at least one Q x M float tensor
-    # Ours keeps the queries, the bank and its ids: (Q + M) * (D + a few) numbers.
+    # Ours keeps at most the queries, the banks, their ids and gradients: (Q + M) * (D + a few).
     assert ours_bytes < 0.1 * q_by_m
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    g_ours = torch.autograd.grad(ours, [queries, batch.embeddings])
+    g_ref = torch.autograd.grad(ref, [queries, batch.embeddings])
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
 
 
 def test_mismatched_ids_are_reported():

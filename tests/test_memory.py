@@ -1,5 +1,6 @@
 """PixelMemory: FIFO order, wrap-around, capacity 0, checkpoint round trip, dtypes, and identical
 memories on every rank of a two-process Gloo job."""
+import datetime
 import os
 import socket
 
@@ -120,7 +121,10 @@ def _free_port():
 
 
 def _rank_main(rank, world, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         mem = PixelMemory(capacity=7)
         # Uneven counts: rank 0 sends 3 samples per step, rank 1 sends 1.

@@ -124,3 +124,15 @@ def validate_iuq_config(cfg):
     _check_range(node, "EQUI.ROTATION_RANGE", -180.0, 180.0)
     _check_range(node, "EQUI.SCALE_RANGE", 0.0, float("inf"), low_open=True)
     return cfg
+
+
+def get_iuq_cfg():
+    """A fresh config: detectron2's defaults, AdelaiDet's keys when AdelaiDet is installed, and
+    ``MODEL.IUQ``. What ``train_net.py`` merges the YAML recipes into."""
+    try:
+        from adet.config import get_cfg
+    except ImportError:
+        from detectron2.config import get_cfg
+    cfg = get_cfg()
+    add_iuq_config(cfg)
+    return cfg

@@ -13,10 +13,12 @@ negatives, its scale does not change with the memory size, so the paper's weight
 ``MEMORY.SIZE``. Queries with no negative (e.g. a batch of one image and an empty memory) are
 left out; if none has one the loss is a zero that still depends on the queries.
 
-Memory: the Q x M logits are never kept. Samples are decoded ``chunk_size`` at a time inside
-``torch.utils.checkpoint``, which keeps only each chunk's inputs (views of the queries and of the
-bank) and recomputes the chunk's logits in backward. Peak memory grows with (Q + M) * D plus one
-Q x chunk_size block, not with Q x M.
+Memory: the Q x M logits are never kept; samples are decoded ``chunk_size`` at a time. For the
+dot-product decode the gradients are formed in the forward pass itself (the loss is a scalar), so
+backward only rescales them. For any other decode (CondInst's dynamic MLP) each chunk runs inside
+``torch.utils.checkpoint``, which keeps only the chunk's inputs (views of the queries and the
+bank) and recomputes its logits in backward. Either way peak memory grows with (Q + M) * D plus
+one Q x chunk_size block, not with Q x M.
 """
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,77 @@ def inter_pointwise_loss(logits, loss="focal", alpha=0.1, gamma=2.5):
     if loss == "l2":
         return torch.sigmoid(x).pow(2)
     raise ValueError(f"Unknown inter-scene loss {loss!r}; use focal, l1, l2 or ce")
+
+
+def inter_pointwise_loss_and_grad(logits, loss="focal", alpha=0.1, gamma=2.5):
+    """(l(x), dl/dx) of :func:`inter_pointwise_loss`, in float32, from one sigmoid."""
+    x = logits.float()
+    p = torch.sigmoid(x)
+    if loss == "focal":
+        sp = F.softplus(x)
+        p_gamma = p.pow(gamma)
+        # d/dx [p^g * softplus(x)] = p^g * (g * (1 - p) * softplus(x) + p), since dp/dx = p (1 - p)
+        return (1.0 - alpha) * p_gamma * sp, (1.0 - alpha) * p_gamma * (gamma * (1.0 - p) * sp + p)
+    if loss == "ce":
+        return F.softplus(x), p
+    if loss == "l1":
+        return p, p * (1.0 - p)
+    if loss == "l2":
+        return p * p, 2.0 * p * p * (1.0 - p)
+    raise ValueError(f"Unknown inter-scene loss {loss!r}; use focal, l1, l2 or ce")
+
+
+def _query_weights(query_ids, banks):
+    """w_q = 1 / (|N_q| * #queries with negatives), 0 for queries without negatives: [Q]."""
+    ids = torch.cat([b.image_ids.to(query_ids.device) for b in banks]) if banks else query_ids[:0]
+    ids = ids.sort().values
+    same = torch.searchsorted(ids, query_ids, right=True) - torch.searchsorted(ids, query_ids)
+    counts = (len(ids) - same).float()
+    has = counts > 0
+    weights = torch.zeros_like(counts)
+    weights[has] = 1.0 / (counts[has] * has.sum())
+    return weights
+
+
+class _DotProductInterLoss(torch.autograd.Function):
+    """sum_{q, m} w_q [id_q != id_m] l(<q, e_m>) for the dot-product decode, chunked over the
+    samples. The gradients are formed in the same pass (the loss is a scalar, so backward only
+    rescales them): no logits are kept and nothing is recomputed. Computes in float32."""
+
+    @staticmethod
+    def forward(ctx, queries, weights, query_ids, loss, alpha, gamma, chunk_size, *bank):
+        q = queries.float()
+        total = q.new_zeros(())
+        grad_q = torch.zeros_like(q)
+        grad_bank = []
+        for k in range(0, len(bank), 2):
+            emb, ids = bank[k], bank[k + 1]
+            needs = ctx.needs_input_grad[7 + k]
+            grad_emb = torch.zeros(emb.shape, dtype=torch.float32, device=emb.device) if needs else None
+            for s in range(0, len(emb), chunk_size):
+                e = emb[s : s + chunk_size].float()
+                value, slope = inter_pointwise_loss_and_grad(q @ e.t(), loss, alpha, gamma)
+                w = weights[:, None] * (query_ids[:, None] != ids[s : s + chunk_size][None, :])
+                total += (value * w).sum()
+                g = slope * w  # d total / d logits for this chunk
+                grad_q += g @ e
+                if needs:
+                    grad_emb[s : s + chunk_size] = g.t() @ q
+            grad_bank += [grad_emb, None]
+        ctx.save_for_backward(grad_q, *[g for g in grad_bank if g is not None])
+        ctx.bank_has_grad = [g is not None for g in grad_bank]
+        ctx.dtypes = (queries.dtype, [t.dtype for t in bank])
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_q, *saved = ctx.saved_tensors
+        saved = iter(saved)
+        grads = [
+            (next(saved) * grad_total).to(dtype) if has else None
+            for has, dtype in zip(ctx.bank_has_grad, ctx.dtypes[1])
+        ]
+        return ((grad_q * grad_total).to(ctx.dtypes[0]), None, None, None, None, None, None, *grads)
 
 
 def _chunk_sums(queries, query_ids, embeddings, locations, ids, decode, query_meta, loss, alpha, gamma):
@@ -74,6 +147,8 @@ def inter_scene_loss(
             may carry gradient, and the memory's, which do not). Same-image samples are skipped.
         decode: ``decode(queries [q, P], query_meta, embeddings [C, D], locations [C, 2])``
             -> logits [q, C]. A pure function of its inputs (no parameters of its own).
+            :func:`dot_product_decode` takes a fused path with hand-derived gradients; any other
+            decode is recomputed chunk by chunk in backward (``torch.utils.checkpoint``).
         query_meta: per-query tensors the decode needs (CondInst: locations, sizes of interest),
             passed through untouched.
         chunk_size: samples decoded at once.
@@ -86,21 +161,26 @@ def inter_scene_loss(
         raise ValueError(
             f"inter_scene_loss: {queries.shape[0]} queries but {query_image_ids.numel()} image ids"
         )
+    banks = [b for b in banks if len(b) > 0]
+    weights = _query_weights(query_image_ids, banks)
+    if not bool((weights > 0).any()):
+        return queries.sum().float() * 0.0
+    if decode is dot_product_decode:
+        flat = [t for b in banks for t in (b.embeddings, b.image_ids.to(queries.device))]
+        return _DotProductInterLoss.apply(
+            queries, weights, query_image_ids, loss, alpha, gamma, chunk_size, *flat
+        )
     sums = queries.new_zeros(queries.shape[0], dtype=torch.float32)
-    counts = torch.zeros(queries.shape[0], dtype=torch.int64, device=queries.device)
     for bank in banks:
         for start in range(0, len(bank), chunk_size):
             chunk = bank[start : start + chunk_size]
-            ids = chunk.image_ids.to(queries.device)
-            with torch.no_grad():
-                counts += (query_image_ids[:, None] != ids[None, :]).sum(dim=1)
             sums = sums + checkpoint(
                 _chunk_sums,
                 queries,
                 query_image_ids,
                 chunk.embeddings,
                 chunk.locations,
-                ids,
+                chunk.image_ids.to(queries.device),
                 decode,
                 query_meta,
                 loss,
@@ -108,10 +188,7 @@ def inter_scene_loss(
                 gamma,
                 use_reentrant=False,
             )
-    has_negatives = counts > 0
-    if not bool(has_negatives.any()):
-        return queries.sum().float() * 0.0
-    return (sums[has_negatives] / counts[has_negatives]).mean()
+    return (sums * weights).sum()
 
 
 def naive_inter_scene_loss(

@@ -11,7 +11,7 @@ setup(
     description="Instance-Unique Querying (NeurIPS 2022) training framework for detectron2 / "
     "AdelaiDet query-based instance segmenters",
     package_dir={"iuq": "projects/iuq"},
-    packages=["iuq"],
+    packages=["iuq", "iuq.adapters", "iuq.data"],
     python_requires=">=3.8",
     install_requires=["torch>=1.10", "fvcore>=0.1.5", "numpy"],
     extras_require={"test": ["pytest>=7"]},

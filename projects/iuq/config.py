@@ -14,6 +14,7 @@ MEMORY_DTYPES = ("float32", "float16", "bfloat16")
 
 def add_iuq_config(cfg):
     """Add ``cfg.MODEL.IUQ`` with the defaults of Wang et al., NeurIPS 2022 (best ablation rows)."""
+    CN = type(cfg)  # the caller's CfgNode class (detectron2's), or YAML merges see a type mismatch
     cfg.MODEL.IUQ = CN()
     cfg.MODEL.IUQ.ENABLED = True
 

@@ -1,0 +1,108 @@
+"""The adapter protocol: what IUQ needs from a base model, and nothing of how the model works.
+
+An adapter wraps one or two well-defined calls of the model *instance* (never its class, so the
+model's code, state_dict and inference stay untouched) and, while :meth:`IUQAdapter.capture` is
+open, records what that training forward computed into a :class:`Captured`. It also knows how the
+model turns a query and pixel embeddings into mask logits (``decode_*``) and the model's own mask
+loss, so IUQ's losses reuse the model's heads instead of copies of them.
+"""
+import importlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from fvcore.common.registry import Registry
+
+IUQ_ADAPTER_REGISTRY = Registry("IUQ_ADAPTER")
+IUQ_ADAPTER_REGISTRY.__doc__ = "IUQ adapters. A class is registered under its own name, which must be the base model's META_ARCHITECTURE."
+
+# Adapters shipped with IUQ, imported on demand (each needs its base model's package).
+BUILTIN_ADAPTERS = {
+    "CondInst": ("iuq.adapters.condinst", "AdelaiDet (package `adet`)"),
+    "SOLOv2": ("iuq.adapters.solov2", "AdelaiDet (package `adet`)"),
+}
+
+
+@dataclass
+class Captured:
+    """One training forward as IUQ sees it (B = images in the batch, originals then views).
+
+    queries:      [Q, P] queries of the forward (CondInst: dynamic-head parameters of the
+                  proposals the mask loss trains; SOLOv2: kernels at positive grid cells).
+    query_images: [Q] int64 batch index of each query's image.
+    query_meta:   dict of [Q, ...] tensors the decode needs (CondInst: locations, FPN levels).
+    targets:      [Q, Hm, Wm] each query's matched ground-truth mask on the mask-loss grid of the
+                  padded batch (the base model's own assignment).
+    embeddings:   [B, D, Hf, Wf] pixel-embedding map of the padded batch.
+    stride:       input pixels per embedding cell; ``mask_stride`` likewise for targets.
+    """
+
+    queries: torch.Tensor = None
+    query_images: torch.Tensor = None
+    query_meta: dict = field(default_factory=dict)
+    targets: torch.Tensor = None
+    embeddings: torch.Tensor = None
+    stride: int = None
+    mask_stride: int = None
+
+    def select_queries(self, keep):
+        """(queries, query_images, query_meta, targets) of the queries where ``keep`` is True."""
+        meta = {k: v[keep] for k, v in self.query_meta.items()}
+        return self.queries[keep], self.query_images[keep], meta, self.targets[keep]
+
+
+class IUQAdapter:
+    """Base class. Subclasses implement ``_install`` (wrap the model's calls; record into
+    ``self.captured`` while it is not None), ``decode_samples``, ``decode_map``, ``mask_loss``
+    and set ``self.stride`` (the embedding map's stride) in ``_install``."""
+
+    def __init__(self, cfg, model):
+        self.model = model.module if hasattr(model, "module") else model  # DDP / DataParallel
+        self.captured = None
+        self.stride = None
+        self._install(cfg)
+
+    def _install(self, cfg):
+        raise NotImplementedError
+
+    @contextmanager
+    def capture(self):
+        """Record what the model's training forward inside this block computes."""
+        self.captured = Captured()
+        try:
+            yield self.captured
+        finally:
+            self.captured = None
+
+    def decode_samples(self, queries, query_meta, embeddings, locations):
+        """Logits [Q, C] of the queries on arbitrary pixel samples: embeddings [C, D], their
+        (x, y) locations [C, 2] in their own image's input pixels."""
+        raise NotImplementedError
+
+    def decode_map(self, queries, query_meta, query_images, embeddings):
+        """Logits [Q, Hm, Wm] of each query on its image's slice of an embedding map
+        [B, D, Hf, Wf], on the grid the model's mask loss uses."""
+        raise NotImplementedError
+
+    def mask_loss(self, logits, targets, valid):
+        """The base model's own mask loss of ``logits`` [Q, Hm, Wm] against ``targets``, counting
+        only cells where ``valid`` [Q, Hm, Wm] is True."""
+        raise NotImplementedError
+
+
+def build_adapter(cfg, model):
+    """The adapter registered under ``cfg.MODEL.META_ARCHITECTURE``, installed on ``model``."""
+    name = cfg.MODEL.META_ARCHITECTURE
+    if name not in IUQ_ADAPTER_REGISTRY and name in BUILTIN_ADAPTERS:
+        module, package = BUILTIN_ADAPTERS[name]
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ImportError(f"The IUQ adapter for MODEL.META_ARCHITECTURE={name!r} needs {package}: {e}") from e
+    if name not in IUQ_ADAPTER_REGISTRY:
+        known = sorted(set(BUILTIN_ADAPTERS) | {k for k, _ in IUQ_ADAPTER_REGISTRY})
+        raise ValueError(
+            f"MODEL.IUQ.ENABLED is True but MODEL.META_ARCHITECTURE={name!r} has no IUQ adapter; "
+            f"known: {known}. Register one with @IUQ_ADAPTER_REGISTRY.register()."
+        )
+    return IUQ_ADAPTER_REGISTRY.get(name)(cfg, model)

@@ -1,0 +1,167 @@
+"""IUQTrainer: detectron2's DefaultTrainer whose ``run_step`` adds the two IUQ losses.
+
+Read ``run_step`` top to bottom: views in, one forward of the stock model with its calls
+captured, the base losses as the model defines them, ``loss_inter`` against the memory,
+``loss_equi`` against the transformed embeddings, backward, memory update, step.
+Nothing of IUQ lives in the model: its weights are the stock model's.
+"""
+import logging
+import random
+import time
+import zlib
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from detectron2.data import DatasetMapper, build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer
+from detectron2.utils import comm
+
+from .adapters import build_adapter
+from .config import validate_iuq_config
+from .equivariance import valid_cells
+from .losses import inter_scene_loss
+from .memory import PixelMemory
+from .samples import sample_pixels
+from .views import add_views, instance_bitmasks
+
+logger = logging.getLogger(__name__)
+
+
+def dataset_image_id(d):
+    """The dataset-level image id as int64 (string ids, e.g. file names, are hashed)."""
+    if "image_id" not in d:
+        raise ValueError(
+            f"IUQ needs an 'image_id' in every dataset dict (to keep a query's own image out of "
+            f"its negatives); {d.get('file_name', 'an image')} has none"
+        )
+    image_id = d["image_id"]
+    return int(image_id) if isinstance(image_id, int) else zlib.crc32(str(image_id).encode())
+
+
+class IUQTrainer(DefaultTrainer):
+    def __init__(self, cfg):
+        validate_iuq_config(cfg)
+        super().__init__(cfg)
+        iuq = cfg.MODEL.IUQ
+        self.iuq_cfg = iuq
+        self.iuq_on = iuq.ENABLED and (iuq.INTER.ENABLED or iuq.EQUI.ENABLED)
+        self.adapter = build_adapter(cfg, self.model) if self.iuq_on else None
+        self.memory = PixelMemory(iuq.MEMORY.SIZE, dtype=getattr(torch, iuq.MEMORY.DTYPE), device=cfg.MODEL.DEVICE)
+        # The memory is training state: saved with the optimizer in checkpoints, never in the model.
+        self.checkpointer.add_checkpointable("iuq_memory", self.memory)
+        self.pixel_mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1)
+        self.view_rng = random.Random(cfg.SEED if cfg.SEED >= 0 else None)
+        self.view_rng.seed((cfg.SEED if cfg.SEED >= 0 else random.getrandbits(32)) + comm.get_rank())
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        # IUQ needs instance masks whatever MODEL.MASK_ON says.
+        mapper = DatasetMapper(**{**DatasetMapper.from_config(cfg, is_train=True), "use_instance_mask": True})
+        return build_detection_train_loader(cfg, mapper=mapper)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        from .evaluation import build_evaluator
+
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    def run_step(self):
+        trainer = self._trainer
+        trainer.iter = self.iter
+        assert self.model.training, "[IUQTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        batch = next(trainer._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        equi = self.iuq_on and self.iuq_cfg.EQUI.ENABLED
+        inter = self.iuq_on and self.iuq_cfg.INTER.ENABLED
+        num_originals = len(batch)
+        if equi:  # originals, then one transformed view of each
+            batch, views = add_views(batch, self.adapter.stride, self.iuq_cfg.EQUI, self.pixel_mean, self.view_rng)
+        image_ids = torch.tensor([dataset_image_id(d) for d in batch], device=self.memory.device)
+
+        with self._autocast(), (self.adapter.capture() if self.iuq_on else nullcontext()) as captured:
+            loss_dict = self.model(batch)  # the base model's own losses (originals and views)
+            if inter:
+                loss_dict["loss_inter"], batch_samples = self.inter_loss(captured, batch, num_originals, image_ids)
+            if equi and self.iuq_cfg.EQUI.MODE != "augment":  # "augment": views as plain augmentation
+                loss_dict["loss_equi"] = self.equi_loss(captured, views, num_originals)
+            losses = sum(loss_dict.values())
+
+        self.optimizer.zero_grad()
+        scaler = trainer.grad_scaler if isinstance(trainer, AMPTrainer) else None
+        (scaler.scale(losses) if scaler else losses).backward()
+        if inter:  # after the loss (a batch never meets itself through the memory) and after
+            self.memory.enqueue(batch_samples.detach())  # backward, which may re-read the memory
+        trainer.after_backward()
+        trainer._write_metrics(loss_dict, data_time)
+        if scaler:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+
+    def _autocast(self):
+        if not isinstance(self._trainer, AMPTrainer):
+            return nullcontext()
+        device = torch.device(self.cfg.MODEL.DEVICE).type
+        dtype = self._trainer.precision if device == "cuda" else torch.bfloat16
+        return torch.autocast(device_type=device, dtype=dtype)
+
+    def inter_loss(self, cap, batch, num_originals, image_ids):
+        """Eq. 5's inter-scene term: every query against pixels of other images (this batch's
+        originals and the memory). Returns the weighted loss and this batch's samples."""
+        cfg = self.iuq_cfg
+        emb = cap.embeddings[:num_originals]
+        grid = []
+        for d in batch[:num_originals]:
+            masks = instance_bitmasks(d["instances"], tuple(d["image"].shape[-2:]))
+            grid.append(masks_on_grid(masks, emb.shape[-2:], cap.stride).to(emb.device))
+        samples = sample_pixels(
+            emb, grid, image_ids[:num_originals], cap.stride, cfg.MEMORY.SAMPLING,
+            cfg.MEMORY.PIXELS_PER_INSTANCE, cfg.MEMORY.PIXELS_PER_IMAGE,
+        )
+        loss = inter_scene_loss(
+            cap.queries, image_ids[cap.query_images], [samples, self.memory.samples()],
+            decode=self.adapter.decode_samples, query_meta=cap.query_meta,
+            loss=cfg.INTER.LOSS, alpha=cfg.INTER.ALPHA, gamma=cfg.INTER.GAMMA,
+            chunk_size=cfg.INTER.CHUNK_SIZE,
+        )
+        return loss * cfg.INTER.WEIGHT, samples
+
+    def equi_loss(self, cap, views, num_originals):
+        """Eq. 8: the view's queries on g(F) of the original must give the view's ground truth
+        (mode "full"); or, mode "feature", the view's embeddings must equal g(F)."""
+        emb, s = cap.embeddings, cap.stride
+        g_emb = [torch.zeros_like(emb[0])] * num_originals
+        for v in views:
+            hc, wc = valid_cells(v.g.in_size, s)
+            moved = v.g.apply_features(emb[v.source, :, :hc, :wc])
+            g_emb.append(F.pad(moved, (0, emb.shape[-1] - moved.shape[-1], 0, emb.shape[-2] - moved.shape[-2])))
+        g_emb = torch.stack(g_emb)
+        weight = self.iuq_cfg.EQUI.WEIGHT
+        if self.iuq_cfg.EQUI.MODE == "feature":
+            diffs = []
+            for k, v in enumerate(views):
+                hc, wc = valid_cells(v.g.out_size, s)
+                diffs.append((emb[num_originals + k, :, :hc, :wc] - g_emb[num_originals + k, :, :hc, :wc]).pow(2).mean())
+            return torch.stack(diffs).mean() * weight
+        is_view = cap.query_images >= num_originals
+        queries, images, meta, targets = cap.select_queries(is_view)
+        if len(queries) == 0:
+            return g_emb.sum() * 0.0
+        logits = self.adapter.decode_map(queries, meta, images, g_emb)
+        valid = torch.zeros_like(logits, dtype=torch.bool)
+        for k, v in enumerate(views):
+            hm, wm = valid_cells(v.g.out_size, cap.mask_stride)
+            valid[images == num_originals + k, :hm, :wm] = True
+        return self.adapter.mask_loss(logits, targets, valid) * weight
+
+
+def masks_on_grid(masks, grid_size, stride):
+    """Instance masks [N, h, w] at input resolution -> [N, H, W] on a stride-``stride`` grid,
+    read at each cell's centre pixel (the cell's location in ``grid_locations``)."""
+    hh, ww = grid_size
+    padded = F.pad(masks, (0, ww * stride - masks.shape[-1], 0, hh * stride - masks.shape[-2]))
+    return padded[:, stride // 2 :: stride, stride // 2 :: stride]

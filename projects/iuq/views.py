@@ -1,0 +1,85 @@
+"""Equivariant views of a detectron2 training batch: for each image ``I``, a transformed copy
+``g(I)`` with its instances moved by the same ``g`` (the ``equivariance`` module's geometry).
+
+The views join the batch as images of their own, so the base model assigns its queries on them
+(the paper's ``sigma`` on the transformed view) and its losses treat them as augmented copies.
+"""
+import random
+from dataclasses import dataclass
+
+import torch
+from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
+
+from .equivariance import HFlip, TransformList, sample_transform
+
+
+@dataclass
+class View:
+    """A view of original ``source`` (its index in the batch) under transform ``g``."""
+
+    source: int
+    g: TransformList
+
+
+def instance_bitmasks(instances, image_size, what="image"):
+    """The instances' masks as a bool tensor [N, h, w], from polygons or bitmasks."""
+    if not instances.has("gt_masks"):
+        raise ValueError(
+            f"IUQ needs instance masks, but {what} has instances without 'gt_masks': use a dataset "
+            "with segmentation annotations (and INPUT.MASK_FORMAT polygon or bitmask)"
+        )
+    masks = instances.gt_masks
+    if isinstance(masks, PolygonMasks):
+        return BitMasks.from_polygon_masks(masks, *image_size).tensor
+    return masks.tensor.bool()
+
+
+def describe(d):
+    return f"image {d.get('image_id', '?')} ({d.get('file_name', 'no file name')})"
+
+
+def make_view(d, stride, equi_cfg, pixel_mean, rng=random, tries=10):
+    """A view dict of dataset dict ``d`` (as the model consumes it) and its transform.
+
+    The view's instances are those whose mask survives ``g`` (boxes recomputed tight around the
+    moved masks). If ``tries`` draws all lose every instance, the view is a plain flip, which
+    loses none.
+    """
+    image = d["image"]
+    size = tuple(image.shape[-2:])
+    masks = instance_bitmasks(d["instances"], size, describe(d))
+    for _ in range(tries):
+        g = sample_transform(
+            size, stride, tuple(equi_cfg.TRANSFORMS), tuple(equi_cfg.CROP_RANGE),
+            tuple(equi_cfg.ROTATION_RANGE), tuple(equi_cfg.SCALE_RANGE), rng,
+        )
+        moved = g.apply_masks(masks)
+        keep = moved.flatten(1).any(dim=1)
+        if bool(keep.any()):
+            break
+    else:
+        g = TransformList([HFlip(size, stride)], size, stride)
+        moved = g.apply_masks(masks)
+        keep = moved.flatten(1).any(dim=1)
+    bitmasks = BitMasks(moved[keep])
+    instances = Instances(
+        g.out_size,
+        gt_boxes=Boxes(bitmasks.get_bounding_boxes().tensor),
+        gt_classes=d["instances"].gt_classes[keep],
+        gt_masks=bitmasks,
+    )
+    # Float image, so that the flip canvas's padding is exactly the mean (0 after normalising).
+    view_image = g.apply_image(image.float(), pad_value=pixel_mean)
+    view = {k: v for k, v in d.items() if k not in ("image", "instances")}
+    view.update(image=view_image, instances=instances, height=g.out_size[0], width=g.out_size[1])
+    return view, g
+
+
+def add_views(batch, stride, equi_cfg, pixel_mean, rng=random):
+    """``batch`` followed by one view of each of its images, and the list of :class:`View`."""
+    views, meta = [], []
+    for i, d in enumerate(batch):
+        view, g = make_view(d, stride, equi_cfg, pixel_mean, rng)
+        views.append(view)
+        meta.append(View(i, g))
+    return list(batch) + views, meta

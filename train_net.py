@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""Train or evaluate a detectron2 / AdelaiDet instance segmenter with IUQ.
+
+    python train_net.py --config-file configs/IUQ/CondInst/MS_R_50_1x.yaml --num-gpus 8
+    python train_net.py --config-file configs/quickstart.yaml MODEL.DEVICE cpu
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS model_final.pth
+Overrides may be given as ``KEY VALUE`` pairs or as ``KEY=VALUE``.
+"""
+import re
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, default_setup, launch
+
+from iuq.config import get_iuq_cfg, validate_iuq_config
+from iuq.models import register_base_models
+from iuq.trainer import IUQTrainer
+
+_KEY_EQUALS = re.compile(r"^([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)+)=(.*)$", re.S)
+
+
+def split_overrides(opts):
+    """detectron2's ``KEY VALUE`` list, with any ``KEY=VALUE`` item split in two."""
+    out = []
+    for item in opts:
+        match = _KEY_EQUALS.match(item)
+        out.extend(match.groups() if match else [item])
+    return out
+
+
+def setup(args):
+    register_base_models()
+    cfg = get_iuq_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(split_overrides(args.opts))
+    validate_iuq_config(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)  # logs, and writes OUTPUT_DIR/config.yaml with the overrides
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = IUQTrainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return IUQTrainer.test(cfg, model)
+    trainer = IUQTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))

@@ -10,9 +10,12 @@ import re
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from iuq.config import get_iuq_cfg, validate_iuq_config
-from iuq.models import register_base_models
+from iuq.data import QUICKSTART_DATASETS, register_quickstart
+from iuq.models import base_model_config_errors, register_base_models
 from iuq.trainer import IUQTrainer
 
 _KEY_EQUALS = re.compile(r"^([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)+)=(.*)$", re.S)
@@ -28,13 +31,17 @@ def split_overrides(opts):
 
 
 def setup(args):
-    register_base_models()
     cfg = get_iuq_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(split_overrides(args.opts))
+    with base_model_config_errors(cfg):  # e.g. a SOTR YAML where SOTR is not installed: say so
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(split_overrides(args.opts))
+    register_base_models(cfg)  # names the package if cfg's META_ARCHITECTURE is not installed
     validate_iuq_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)  # logs, and writes OUTPUT_DIR/config.yaml with the overrides
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="iuq")
+    if set(QUICKSTART_DATASETS) & set(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST):
+        register_quickstart()  # drawn on first use, under $IUQ_QUICKSTART_ROOT or ./datasets
     return cfg
 
 

@@ -10,6 +10,11 @@ import yaml
 pytest.importorskip("detectron2", reason="detectron2 is not importable: the YAML recipes need it")
 pytest.importorskip("adet", reason="AdelaiDet (`adet`) is not importable: the YAML recipes need its config keys")
 
+from adelaidet_support import adet_provides  # noqa: E402
+
+if not adet_provides("condinst"):  # SOTR's package is also named adet
+    pytest.skip("the `adet` here is not AdelaiDet: these recipes need its config keys", allow_module_level=True)
+
 from iuq.config import get_iuq_cfg, validate_iuq_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "IUQ"

@@ -125,12 +125,11 @@ def test_polygons_are_valid_for_detectron2(generated):
 
 def test_default_root_follows_env(monkeypatch):
     monkeypatch.delenv("IUQ_QUICKSTART_ROOT", raising=False)
-    monkeypatch.setenv("DETECTRON2_DATASETS", "/some/datasets")
-    assert default_quickstart_root() == "/some/datasets/iuq_quickstart"
+    monkeypatch.setenv("DETECTRON2_DATASETS", "/some/read-only/datasets")  # not written into
+    assert default_quickstart_root() == os.path.join("datasets", "iuq_quickstart")
     monkeypatch.setenv("IUQ_QUICKSTART_ROOT", "/elsewhere/qs")
     assert default_quickstart_root() == "/elsewhere/qs"
     monkeypatch.delenv("IUQ_QUICKSTART_ROOT")
-    monkeypatch.delenv("DETECTRON2_DATASETS")
     assert default_quickstart_root() == os.path.join("datasets", "iuq_quickstart")
 
 

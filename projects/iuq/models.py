@@ -1,12 +1,79 @@
-"""Make detectron2's META_ARCH_REGISTRY know the base models IUQ trains."""
+"""Make detectron2's META_ARCH_REGISTRY know the base models IUQ trains, and say which package to
+install where a config names a model whose package is missing.
+
+AdelaiDet (CondInst, SOLOv2) and SOTR are both installed as the package ``adet``, so an
+environment has at most one of them; a SOTR config in AdelaiDet's environment (or the reverse)
+would otherwise fail deep inside yacs or detectron2's registry with no hint of the cause.
+"""
 import logging
+import re
+from contextlib import contextmanager
+
+from .adapters.base import BUILTIN_ADAPTERS
 
 logger = logging.getLogger(__name__)
 
+# Config nodes a base model's package adds -> the meta-architecture whose package adds them.
+MODEL_CONFIG_NODES = {"CONDINST": "CondInst", "FCOS": "CondInst", "SOLOV2": "SOLOv2", "SOTR": "SOTR"}
+_MISSING_KEY = re.compile(r"Non-existent (?:config )?key: (MODEL\.([A-Z0-9_]+)[A-Z0-9_.]*)")
 
-def register_base_models():
-    """Import AdelaiDet's models (CondInst, SOLOv2) where AdelaiDet is installed."""
+
+class BaseModelUnavailable(ImportError):
+    """The package providing the config's meta-architecture is not installed here."""
+
+
+def register_base_models(cfg=None):
+    """Import the installed ``adet`` (AdelaiDet: CondInst, SOLOv2; or SOTR), which registers its
+    meta-architectures. With ``cfg``, raise :class:`BaseModelUnavailable` naming the package if
+    ``cfg.MODEL.META_ARCHITECTURE`` is one IUQ knows but detectron2's registry does not."""
     try:
         import adet.modeling  # noqa: F401  (registers its meta-architectures)
     except ImportError as e:
-        logger.info("AdelaiDet is not importable (%s): its meta-architectures are unavailable", e)
+        logger.info("`adet` (AdelaiDet or SOTR) is not importable (%s): its meta-architectures are unavailable", e)
+    if cfg is not None:
+        require_base_model(cfg.MODEL.META_ARCHITECTURE)
+
+
+def require_base_model(name):
+    """Raise :class:`BaseModelUnavailable` if meta-architecture ``name`` has a known package
+    (``BUILTIN_ADAPTERS``) and is not registered. Unknown names are left to detectron2."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    if name in BUILTIN_ADAPTERS and name not in META_ARCH_REGISTRY:
+        raise BaseModelUnavailable(unavailable_message(name, f"MODEL.META_ARCHITECTURE={name!r}"))
+
+
+def unavailable_message(name, what):
+    package = BUILTIN_ADAPTERS[name][1]
+    return (
+        f"{what} needs the {name} meta-architecture, provided by {package}, which is not installed "
+        f"here ({_which_adet()}). AdelaiDet and SOTR are both the package `adet` and cannot share an "
+        f"environment: install {package.split(' (')[0]} in one of its own, then `pip install -e .` of this project "
+        "there (README: Install; SOTR)."
+    )
+
+
+def _which_adet():
+    try:
+        import adet.modeling as modeling
+    except ImportError as e:
+        return f"`import adet.modeling` fails: {e}"
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    names = sorted(n for n in BUILTIN_ADAPTERS if n in META_ARCH_REGISTRY)
+    return f"the `adet` here, {modeling.__file__.rsplit('/modeling', 1)[0]}, provides {names}"
+
+
+@contextmanager
+def base_model_config_errors(cfg):
+    """Around merges into ``cfg``: turn yacs' "Non-existent (config) key: MODEL.SOTR..." (a YAML
+    or override for a model whose package, hence whose config node, is missing from ``cfg``) into
+    :class:`BaseModelUnavailable`. A typo inside a node that exists stays yacs' error."""
+    try:
+        yield
+    except (KeyError, AssertionError) as e:  # merge_from_file: KeyError; merge_from_list: assert
+        match = _MISSING_KEY.search(str(e))
+        if match is None or match.group(2) not in MODEL_CONFIG_NODES or match.group(2) in cfg.MODEL:
+            raise
+        name = MODEL_CONFIG_NODES[match.group(2)]
+        raise BaseModelUnavailable(unavailable_message(name, f"Config key {match.group(1)}")) from e

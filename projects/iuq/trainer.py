@@ -17,7 +17,7 @@ from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer
 from detectron2.utils import comm
 
-from .adapters import build_adapter
+from .adapters import adapter_class, build_adapter
 from .config import validate_iuq_config
 from .equivariance import valid_cells
 from .losses import inter_scene_loss
@@ -42,17 +42,19 @@ def dataset_image_id(d):
 class IUQTrainer(DefaultTrainer):
     def __init__(self, cfg):
         validate_iuq_config(cfg)
-        super().__init__(cfg)
         iuq = cfg.MODEL.IUQ
-        self.iuq_cfg = iuq
         self.iuq_on = iuq.ENABLED and (iuq.INTER.ENABLED or iuq.EQUI.ENABLED)
+        if self.iuq_on:
+            adapter_class(cfg)  # fail before building anything if the model has no adapter
+        super().__init__(cfg)
+        self.iuq_cfg = iuq
         self.adapter = build_adapter(cfg, self.model) if self.iuq_on else None
         self.memory = PixelMemory(iuq.MEMORY.SIZE, dtype=getattr(torch, iuq.MEMORY.DTYPE), device=cfg.MODEL.DEVICE)
         # The memory is training state: saved with the optimizer in checkpoints, never in the model.
         self.checkpointer.add_checkpointable("iuq_memory", self.memory)
         self.pixel_mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1)
-        self.view_rng = random.Random(cfg.SEED if cfg.SEED >= 0 else None)
-        self.view_rng.seed((cfg.SEED if cfg.SEED >= 0 else random.getrandbits(32)) + comm.get_rank())
+        # Views are drawn per rank (like the data), reproducibly when SEED is set.
+        self.view_rng = random.Random((cfg.SEED if cfg.SEED >= 0 else random.getrandbits(32)) + comm.get_rank())
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -74,26 +76,14 @@ class IUQTrainer(DefaultTrainer):
         batch = next(trainer._data_loader_iter)
         data_time = time.perf_counter() - start
 
-        equi = self.iuq_on and self.iuq_cfg.EQUI.ENABLED
-        inter = self.iuq_on and self.iuq_cfg.INTER.ENABLED
-        num_originals = len(batch)
-        if equi:  # originals, then one transformed view of each
-            batch, views = add_views(batch, self.adapter.stride, self.iuq_cfg.EQUI, self.pixel_mean, self.view_rng)
-        image_ids = torch.tensor([dataset_image_id(d) for d in batch], device=self.memory.device)
-
-        with self._autocast(), (self.adapter.capture() if self.iuq_on else nullcontext()) as captured:
-            loss_dict = self.model(batch)  # the base model's own losses (originals and views)
-            if inter:
-                loss_dict["loss_inter"], batch_samples = self.inter_loss(captured, batch, num_originals, image_ids)
-            if equi and self.iuq_cfg.EQUI.MODE != "augment":  # "augment": views as plain augmentation
-                loss_dict["loss_equi"] = self.equi_loss(captured, views, num_originals)
+        with self._autocast():
+            loss_dict, batch_samples = self.forward_losses(batch)
             losses = sum(loss_dict.values())
-
         self.optimizer.zero_grad()
         scaler = trainer.grad_scaler if isinstance(trainer, AMPTrainer) else None
         (scaler.scale(losses) if scaler else losses).backward()
-        if inter:  # after the loss (a batch never meets itself through the memory) and after
-            self.memory.enqueue(batch_samples.detach())  # backward, which may re-read the memory
+        if batch_samples is not None:  # after the loss (a batch never meets itself through the
+            self.memory.enqueue(batch_samples.detach())  # memory) and after backward (may re-read it)
         trainer.after_backward()
         trainer._write_metrics(loss_dict, data_time)
         if scaler:
@@ -101,6 +91,26 @@ class IUQTrainer(DefaultTrainer):
             scaler.update()
         else:
             self.optimizer.step()
+
+    def forward_losses(self, batch):
+        """The base model's losses on ``batch`` and its views, plus ``loss_inter`` and
+        ``loss_equi``. Returns (loss_dict, this batch's pixel samples for the memory or None)."""
+        equi = self.iuq_on and self.iuq_cfg.EQUI.ENABLED
+        inter = self.iuq_on and self.iuq_cfg.INTER.ENABLED
+        num_originals, samples = len(batch), None
+        if self.iuq_on:
+            require_masks(batch)
+        if equi:  # originals, then one transformed view of each
+            batch, views = add_views(batch, self.adapter.stride, self.iuq_cfg.EQUI, self.pixel_mean, self.view_rng)
+        image_ids = torch.tensor([dataset_image_id(d) for d in batch], device=self.memory.device)
+
+        with self.adapter.capture() if self.iuq_on else nullcontext() as captured:
+            loss_dict = self.model(batch)  # the base model's own losses (originals and views)
+        if inter:
+            loss_dict["loss_inter"], samples = self.inter_loss(captured, batch, num_originals, image_ids)
+        if equi and self.iuq_cfg.EQUI.MODE != "augment":  # "augment": views as plain augmentation
+            loss_dict["loss_equi"] = self.equi_loss(captured, views, num_originals)
+        return loss_dict, samples
 
     def _autocast(self):
         if not isinstance(self._trainer, AMPTrainer):
@@ -157,6 +167,17 @@ class IUQTrainer(DefaultTrainer):
             hm, wm = valid_cells(v.g.out_size, cap.mask_stride)
             valid[images == num_originals + k, :hm, :wm] = True
         return self.adapter.mask_loss(logits, targets, valid) * weight
+
+
+def require_masks(batch):
+    """Fail with the dataset and image named if an image's instances come without masks."""
+    for d in batch:
+        if not d["instances"].has("gt_masks"):
+            raise ValueError(
+                f"MODEL.IUQ needs instance masks, but image {d.get('image_id', '?')} "
+                f"({d.get('file_name', 'no file name')}) has none: train on a dataset with "
+                "segmentation annotations (DATASETS.TRAIN)"
+            )
 
 
 def masks_on_grid(masks, grid_size, stride):

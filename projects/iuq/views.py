@@ -21,21 +21,12 @@ class View:
     g: TransformList
 
 
-def instance_bitmasks(instances, image_size, what="image"):
+def instance_bitmasks(instances, image_size):
     """The instances' masks as a bool tensor [N, h, w], from polygons or bitmasks."""
-    if not instances.has("gt_masks"):
-        raise ValueError(
-            f"IUQ needs instance masks, but {what} has instances without 'gt_masks': use a dataset "
-            "with segmentation annotations (and INPUT.MASK_FORMAT polygon or bitmask)"
-        )
     masks = instances.gt_masks
     if isinstance(masks, PolygonMasks):
         return BitMasks.from_polygon_masks(masks, *image_size).tensor
     return masks.tensor.bool()
-
-
-def describe(d):
-    return f"image {d.get('image_id', '?')} ({d.get('file_name', 'no file name')})"
 
 
 def make_view(d, stride, equi_cfg, pixel_mean, rng=random, tries=10):
@@ -47,7 +38,7 @@ def make_view(d, stride, equi_cfg, pixel_mean, rng=random, tries=10):
     """
     image = d["image"]
     size = tuple(image.shape[-2:])
-    masks = instance_bitmasks(d["instances"], size, describe(d))
+    masks = instance_bitmasks(d["instances"], size)
     for _ in range(tries):
         g = sample_transform(
             size, stride, tuple(equi_cfg.TRANSFORMS), tuple(equi_cfg.CROP_RANGE),

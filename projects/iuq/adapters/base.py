@@ -20,6 +20,10 @@ IUQ_ADAPTER_REGISTRY.__doc__ = "IUQ adapters. A class is registered under its ow
 BUILTIN_ADAPTERS = {
     "CondInst": ("iuq.adapters.condinst", "AdelaiDet (package `adet`)"),
     "SOLOv2": ("iuq.adapters.solov2", "AdelaiDet (package `adet`)"),
+    "SOTR": (
+        "iuq.adapters.sotr",
+        "SOTR (github.com/easton-cau/SOTR; its package is also named `adet`, so it needs its own environment)",
+    ),
 }
 
 
@@ -90,8 +94,8 @@ class IUQAdapter:
         raise NotImplementedError
 
 
-def build_adapter(cfg, model):
-    """The adapter registered under ``cfg.MODEL.META_ARCHITECTURE``, installed on ``model``."""
+def adapter_class(cfg):
+    """The adapter class for ``cfg.MODEL.META_ARCHITECTURE``; a clear error if there is none."""
     name = cfg.MODEL.META_ARCHITECTURE
     if name not in IUQ_ADAPTER_REGISTRY and name in BUILTIN_ADAPTERS:
         module, package = BUILTIN_ADAPTERS[name]
@@ -105,4 +109,9 @@ def build_adapter(cfg, model):
             f"MODEL.IUQ.ENABLED is True but MODEL.META_ARCHITECTURE={name!r} has no IUQ adapter; "
             f"known: {known}. Register one with @IUQ_ADAPTER_REGISTRY.register()."
         )
-    return IUQ_ADAPTER_REGISTRY.get(name)(cfg, model)
+    return IUQ_ADAPTER_REGISTRY.get(name)
+
+
+def build_adapter(cfg, model):
+    """The adapter registered under ``cfg.MODEL.META_ARCHITECTURE``, installed on ``model``."""
+    return adapter_class(cfg)(cfg, model)

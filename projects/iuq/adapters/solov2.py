@@ -1,60 +1,14 @@
-"""SOLOv2 (AdelaiDet): queries are the dynamic kernels predicted at the positive grid cells;
-pixel embeddings are the unified mask feature (stride 4); a query decodes a mask by a 1x1
-convolution, i.e. a dot product.
-
-Wrapped call (on the instance): ``SOLOv2.loss(cate_preds, kernel_preds, ins_pred, targets)``. Its
-arguments hold everything: the kernels per level and image, the grid assignment
-(``grid_order_list``), the matched masks at stride 4 (``ins_label_list``) and ``ins_pred``.
-"""
-import torch
+"""SOLOv2 (AdelaiDet): the dynamic kernels at the positive grid cells are the queries, the unified
+mask feature (stride 4) the pixel embeddings; everything but the dice loss is shared with SOTR
+(see ``grid_kernels.py``: ``SOLOv2.loss`` is the wrapped call)."""
 from adet.modeling.solov2.loss import dice_loss
 
-from ..losses import dot_product_decode
-from .base import IUQ_ADAPTER_REGISTRY, IUQAdapter
+from .base import IUQ_ADAPTER_REGISTRY
+from .grid_kernels import GridKernelAdapter
 
 
 @IUQ_ADAPTER_REGISTRY.register()
-class SOLOv2(IUQAdapter):
+class SOLOv2(GridKernelAdapter):
     """Registered under the meta-architecture's name, as all adapters are."""
 
-    def _install(self, cfg):
-        model = self.model
-        self.stride = model.backbone.output_shape()[model.mask_in_features[0]].stride
-        loss = model.loss
-
-        def wrapped_loss(cate_preds, kernel_preds, ins_pred, targets):
-            if self.captured is not None:
-                self._record(kernel_preds, ins_pred, targets)
-            return loss(cate_preds, kernel_preds, ins_pred, targets)
-
-        model.loss = wrapped_loss
-
-    def _record(self, kernel_preds, ins_pred, targets):
-        cap = self.captured
-        ins_label_list, _, _, grid_order_list = targets
-        queries, images, masks = [], [], []
-        for level, kernels in enumerate(kernel_preds):  # kernels: [B, E, S, S]
-            for i, per_image in enumerate(kernels):
-                order = torch.as_tensor(grid_order_list[i][level], dtype=torch.long, device=per_image.device)
-                queries.append(per_image.reshape(per_image.shape[0], -1)[:, order].t())
-                images.append(torch.full((len(order),), i, dtype=torch.long, device=per_image.device))
-                masks.append(ins_label_list[i][level])
-        cap.queries = torch.cat(queries)
-        cap.query_images = torch.cat(images)
-        cap.query_meta = {}
-        cap.targets = torch.cat(masks).to(ins_pred.dtype)
-        cap.embeddings, cap.stride, cap.mask_stride = ins_pred, self.stride, self.stride
-
-    decode_samples = staticmethod(dot_product_decode)  # the loss's fused dot-product path
-
-    def decode_map(self, queries, query_meta, query_images, embeddings):
-        b, e, h, w = embeddings.shape
-        logits = embeddings.new_zeros(queries.shape[0], h, w)
-        for i in query_images.unique().tolist():  # one matmul per image, not per query
-            idx = (query_images == i).nonzero(as_tuple=True)[0]
-            logits = logits.index_copy(0, idx, (queries[idx] @ embeddings[i].reshape(e, h * w)).reshape(-1, h, w))
-        return logits
-
-    def mask_loss(self, logits, targets, valid):
-        valid = valid.to(logits.dtype)
-        return dice_loss(logits.sigmoid() * valid, targets * valid).mean()
+    dice_loss = staticmethod(dice_loss)  # AdelaiDet's own, for L_equi

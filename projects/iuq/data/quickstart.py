@@ -59,13 +59,10 @@ _MIN_VISIBLE_FRACTION = 0.35  # ... and this fraction of its full area
 
 
 def default_quickstart_root():
-    """``$IUQ_QUICKSTART_ROOT``, else ``$DETECTRON2_DATASETS/iuq_quickstart``, else
-    ``./datasets/iuq_quickstart`` (detectron2's convention for builtin datasets)."""
-    root = os.environ.get("IUQ_QUICKSTART_ROOT")
-    if root:
-        return os.path.expanduser(root)
-    return os.path.join(os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets")),
-                        "iuq_quickstart")
+    """``$IUQ_QUICKSTART_ROOT``, else ``./datasets/iuq_quickstart`` (detectron2's ``datasets/``
+    convention). Not under ``$DETECTRON2_DATASETS``: that often points at a shared, read-only
+    copy of COCO / LVIS."""
+    return os.path.expanduser(os.environ.get("IUQ_QUICKSTART_ROOT", os.path.join("datasets", "iuq_quickstart")))
 
 
 # ---------------------------------------------------------------------------------------------

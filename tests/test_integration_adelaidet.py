@@ -1,0 +1,78 @@
+"""IUQ on the real AdelaiDet CondInst and SOLOv2, on real COCO images, on the CPU.
+
+Skipped (with the reason) where detectron2 / AdelaiDet or ../shared/datasets are missing."""
+import pytest
+import torch
+
+from adelaidet_support import require_adelaidet, small_cfg
+
+require_adelaidet()
+
+from iuq.trainer import IUQTrainer  # noqa: E402
+
+# (query head, mask branch) parameters the two IUQ losses must reach.
+PROBES = {
+    "CondInst": lambda m: (m.controller.weight, m.mask_branch.tower[-1].weight),
+    "SOLOv2": lambda m: (m.ins_head.kernel_pred.weight, m.mask_head.conv_pred[0].weight),
+}
+EMBED_DIM = {"CondInst": 8, "SOLOv2": 256}
+
+
+@pytest.fixture(scope="module", params=["CondInst", "SOLOv2"])
+def trained(request, tmp_path_factory):
+    """A trainer of each model, one batch's losses, then two real training steps."""
+    name = request.param
+    cfg = small_cfg(name, "OUTPUT_DIR", str(tmp_path_factory.mktemp(name)), "SOLVER.MAX_ITER", "2")
+    trainer = IUQTrainer(cfg)
+    batch = next(trainer._trainer._data_loader_iter)
+    loss_dict, samples = trainer.forward_losses(batch)
+    query_head, mask_branch = PROBES[name](trainer.model)
+    grads = {
+        key: torch.autograd.grad(loss_dict[key], [query_head, mask_branch], retain_graph=True)
+        for key in ("loss_inter", "loss_equi")
+    }
+    trainer.train()
+    return name, trainer, batch, loss_dict, samples, grads
+
+
+def test_iuq_losses_are_finite_and_non_zero(trained):
+    name, _, _, loss_dict, _, _ = trained
+    for key in ("loss_inter", "loss_equi"):
+        value = loss_dict[key].item()
+        assert torch.isfinite(loss_dict[key]) and value > 0, (name, key, value)
+    # The base model's own losses are still there.
+    base = {"CondInst": {"loss_fcos_cls", "loss_mask"}, "SOLOv2": {"loss_ins", "loss_cate"}}[name]
+    assert base <= set(loss_dict)
+
+
+@pytest.mark.parametrize("key", ["loss_inter", "loss_equi"])
+def test_each_iuq_loss_reaches_query_head_and_mask_branch(trained, key):
+    name, _, _, _, _, grads = trained
+    for which, g in zip(("query head", "mask branch"), grads[key]):
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, f"{name}: {key} does not reach the {which}"
+
+
+def test_memory_fills_with_samples_of_the_batch(trained):
+    name, trainer, batch, _, samples, _ = trained
+    mem = trainer.memory.samples()
+    assert len(mem) > 0 and mem.embeddings.shape[1] == EMBED_DIM[name]
+    assert torch.isfinite(mem.embeddings).all()
+    # Samples carry the dataset ids of the images they came from (two steps of 2 images each).
+    from detectron2.data import DatasetCatalog
+
+    dataset_ids = {d["image_id"] for d in DatasetCatalog.get("coco_2017_train")}
+    stored = set(mem.image_ids.tolist())
+    assert stored <= dataset_ids and 2 <= len(stored) <= 4
+    assert set(samples.image_ids.tolist()) == {int(d["image_id"]) for d in batch}
+    # Instance-balanced: at most 50 samples per instance, so at most 50 * #instances per image.
+    counts = torch.bincount(samples.image_ids - samples.image_ids.min())
+    assert counts.max() <= 50 * max(len(d["instances"]) for d in batch)
+
+
+def test_stock_model_weights_are_untouched_by_iuq(trained):
+    name, trainer, _, _, _, _ = trained
+    from detectron2.modeling import build_model
+
+    stock = build_model(trainer.cfg)
+    assert set(stock.state_dict()) == set(trainer.model.state_dict())
+    assert not any("iuq" in k.lower() for k in trainer.model.state_dict())

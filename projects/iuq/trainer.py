@@ -9,12 +9,13 @@ import logging
 import random
 import time
 import zlib
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer
+from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 
 from .adapters import adapter_class, build_adapter
@@ -46,7 +47,8 @@ class IUQTrainer(DefaultTrainer):
         self.iuq_on = iuq.ENABLED and (iuq.INTER.ENABLED or iuq.EQUI.ENABLED)
         if self.iuq_on:
             adapter_class(cfg)  # fail before building anything if the model has no adapter
-        super().__init__(cfg)
+        with cpu_ddp_support(cfg):
+            super().__init__(cfg)
         self.iuq_cfg = iuq
         self.adapter = build_adapter(cfg, self.model) if self.iuq_on else None
         self.memory = PixelMemory(iuq.MEMORY.SIZE, dtype=getattr(torch, iuq.MEMORY.DTYPE), device=cfg.MODEL.DEVICE)
@@ -167,6 +169,21 @@ class IUQTrainer(DefaultTrainer):
             hm, wm = valid_cells(v.g.out_size, cap.mask_stride)
             valid[images == num_originals + k, :hm, :wm] = True
         return self.adapter.mask_loss(logits, targets, valid) * weight
+
+
+@contextmanager
+def cpu_ddp_support(cfg):
+    """Let DefaultTrainer wrap a CPU model in DDP (Gloo): detectron2 always passes
+    ``device_ids=[local_rank]``, which DDP rejects for CPU modules. Scoped to the constructor."""
+    if torch.device(cfg.MODEL.DEVICE).type != "cpu":
+        yield
+        return
+    create = d2_defaults.create_ddp_model
+    d2_defaults.create_ddp_model = lambda model, **kw: create(model, **{"device_ids": None, **kw})
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = create
 
 
 def require_masks(batch):

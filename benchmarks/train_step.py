@@ -94,6 +94,9 @@ def main():
     p.add_argument("--max-size", type=int, default=1333)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    shared = os.path.join(os.path.dirname(REPO), "shared", "datasets")
+    if "DETECTRON2_DATASETS" not in os.environ and os.path.isdir(shared):
+        os.environ["DETECTRON2_DATASETS"] = shared  # this project's copy of real COCO images
     if args.child:
         model, mode, memory = args.child.split(",")
         print(json.dumps(child(model, mode, int(memory), args)))

@@ -164,3 +164,14 @@ def test_dataset_without_masks_is_named(tmp_path):
     trainer = IUQTrainer(cfg)
     with pytest.raises(ValueError, match=r"needs instance masks, but image \d+ \(.*\.jpg\)"):
         trainer.forward_losses(next(trainer._trainer._data_loader_iter))
+
+
+def test_amp_and_gradient_clipping_step(tmp_path):
+    """SOLVER.AMP.ENABLED (bf16 autocast on CPU, fp16 + GradScaler on CUDA) with clipping."""
+    out = tmp_path / "amp"
+    train_net.main(args_for("CondInst", out, "SOLVER.MAX_ITER", "1", "SOLVER.AMP.ENABLED", "True",
+                            "SOLVER.CLIP_GRADIENTS.ENABLED", "True", "DATASETS.TEST", "()"))
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    last = metrics[-1]
+    for key in ("loss_inter", "loss_equi", "loss_mask"):
+        assert key in last and 0 < last[key] < float("inf"), (key, last.get(key))

@@ -67,18 +67,31 @@ class CondInst(IUQAdapter):
 
     def decode_samples(self, queries, query_meta, embeddings, locations):
         """The dynamic MLP on each (query, sample) pair, the sample's relative coordinates taken
-        against the query's location and size of interest, exactly as for its own image."""
-        q, c = queries.shape[0], embeddings.shape[0]
-        emb = embeddings.to(queries.dtype)[None].expand(q, c, -1)  # [Q, C, D]
-        if self.head.disable_rel_coords:
-            inputs = emb
-        else:
-            rel = query_meta["locations"][:, None, :] - locations.to(queries.device)[None, :, :]
-            rel = rel.float() / self._sizes_of_interest(query_meta)[:, None, None]
-            inputs = torch.cat([rel.to(queries.dtype), emb], dim=2)  # [Q, C, 2 + D]
-        inputs = inputs.permute(0, 2, 1).reshape(1, -1, c, 1)  # the head's grouped-conv layout
-        weights, biases = parse_dynamic_params(queries, self.head.channels, self.head.weight_nums, self.head.bias_nums)
-        return self.head.mask_heads_forward(inputs, weights, biases, q).reshape(q, c)
+        against the query's location and size of interest, exactly as for its own image.
+
+        The head's weights come from its own ``parse_dynamic_params``. The first layer is applied
+        in its linear form, ``W0 [(loc_q - L_m) / soi_q ; e_m] = c_q + A_q [L_m ; e_m]``: one GEMM
+        against the shared [C, 2 + D] sample matrix, so no [Q, C, 2 + D] input is built (the
+        head's own grouped-conv path would). ``tests/test_integration_adelaidet.py`` checks it
+        against the head's ``mask_heads_forward_with_coords`` on a real embedding map.
+        """
+        head, q, c = self.head, queries.shape[0], embeddings.shape[0]
+        weights, biases = parse_dynamic_params(queries, head.channels, head.weight_nums, head.bias_nums)
+        w0 = weights[0].reshape(q, head.channels, -1)  # [Q, 8, (2 +) D]
+        samples = embeddings.to(queries.dtype)
+        bias = biases[0].reshape(q, -1)
+        if not head.disable_rel_coords:
+            soi = self._sizes_of_interest(query_meta).to(queries.dtype)[:, None, None]
+            w_xy = w0[:, :, :2] / soi
+            bias = bias + (w_xy @ query_meta["locations"].to(queries.dtype)[:, :, None])[..., 0]
+            w0 = torch.cat([-w_xy, w0[:, :, 2:]], dim=2)
+            samples = torch.cat([locations.to(queries.device, queries.dtype), samples], dim=1)
+        x = (w0.reshape(-1, w0.shape[2]) @ samples.t()).reshape(q, -1, c) + bias[:, :, None]  # [Q, 8, C]
+        for w, b in zip(weights[1:], biases[1:]):
+            x = torch.relu(x)
+            w = w.reshape(q, -1, x.shape[1])  # [Q, out, in]
+            x = w @ x + b.reshape(q, -1)[:, :, None]
+        return x.reshape(q, c)
 
     def decode_map(self, queries, query_meta, query_images, embeddings):
         inst = Instances((0, 0))

@@ -44,8 +44,9 @@ def add_iuq_config(cfg):
     cfg.MODEL.IUQ.EQUI.CROP_RANGE = (0.6, 1.0)  # relative side length of the crop
     cfg.MODEL.IUQ.EQUI.ROTATION_RANGE = (0.0, 60.0)  # degrees
     cfg.MODEL.IUQ.EQUI.SCALE_RANGE = (0.5, 2.0)
-    # full: <q^g, g(F)>;  feature: only the feature side is transformed, <q, g(F)> vs g(M);
-    # augment: transformed images as plain augmentation, <q^g, F^g> (Table 4d).
+    # Table 4d. full: Eq. 8, dice(<q^g, g(F)>, g(M)); feature: feature equivariance only,
+    # mean squared error between F^g and g(F) on the view's valid cells (the paper does not give
+    # its exact form); augment: transformed images as plain augmentation, <q^g, F^g> (no L_equi).
     cfg.MODEL.IUQ.EQUI.MODE = "full"
 
 

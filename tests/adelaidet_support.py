@@ -45,14 +45,15 @@ def adet_provides(model_dir):
 
 def _require_coco():
     if not (COCO / "annotations" / "instances_val2017.json").is_file():
-        pytest.skip(f"the real COCO sample is not at {COCO} (set DETECTRON2_DATASETS)")
+        pytest.skip(f"the real COCO sample is not at {COCO} (set DETECTRON2_DATASETS)", allow_module_level=True)
 
 
 def require_adelaidet():
     pytest.importorskip("detectron2", reason="detectron2 is not installed (not on PyPI; see README)")
     pytest.importorskip("adet", reason="AdelaiDet (package adet) is not installed (not on PyPI; see README)")
     if not adet_provides("condinst"):
-        pytest.skip("the `adet` installed here is not AdelaiDet (SOTR's package is also named adet)")
+        pytest.skip("the `adet` installed here is not AdelaiDet (SOTR's package is also named adet)",
+                    allow_module_level=True)
     _require_coco()
 
 
@@ -60,7 +61,7 @@ def require_sotr():
     pytest.importorskip("detectron2", reason="detectron2 is not installed (not on PyPI; see README)")
     if not adet_provides("sotr"):
         pytest.skip("SOTR (github.com/easton-cau/SOTR, package adet) is not installed here; it needs "
-                    "its own environment (README: SOTR)")
+                    "its own environment (README: SOTR)", allow_module_level=True)
     _require_coco()
 
 

@@ -3,25 +3,29 @@ their gradients, the memory, a train_net.py run whose weights load into stock SO
 --eval-only segm AP.
 
 SOTR's package is also named `adet`, so this runs only in SOTR's own environment (README: SOTR);
-elsewhere it is skipped with the reason. One SOTR step at short side 256 takes ~25 s on a 2-core
-CPU (~2x with IUQ: the views double the batch), so the module runs one forward and one training
-iteration, nothing more."""
+elsewhere it is skipped with the reason. One SOTR training step at short side 256 (2 images, R50,
+random init) takes ~22 s and 6 GB on a 2-core CPU, ~45 s and 11 GB with IUQ (its views double the
+batch; IUQ's own losses take ~0.1 s), so the module runs one forward and one training iteration
+(~1.5 min in all)."""
+import gc
+import sys
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from adelaidet_support import CONFIGS, MODEL_SMALL, REPO, SMALL, register_subset, require_sotr
 
 require_sotr()
-
-import sys  # noqa: E402
-
 sys.path.insert(0, str(REPO))
 import train_net  # noqa: E402
 from iuq.trainer import IUQTrainer  # noqa: E402
 
-# Score thresholds at 0 so that a barely trained model still emits masks; fewer candidates than
-# SOTR's 500 / 100 keep the matrix NMS and mask pasting quick on the CPU.
-EVAL = ["MODEL.SOTR.SCORE_THR", "0.0", "MODEL.SOTR.UPDATE_THR", "0.0",
+# Score thresholds at 0 so that a barely trained model still emits masks. SOTR decodes a mask for
+# every (grid cell, class) pair above SCORE_THR before NMS_PRE applies: at 0 and its grids that is
+# 3872 x 80 masks (~11 GB, ~1 min here). A coarser grid at test time (no weight depends on it: the
+# twin transformer has no positional parameters) keeps it at 404 x 80 (~2 GB, ~10 s).
+EVAL = ["MODEL.SOTR.SCORE_THR", "0.0", "MODEL.SOTR.UPDATE_THR", "0.0", "MODEL.SOTR.NUM_GRIDS", "[12, 12, 8, 6, 4]",
         "MODEL.SOTR.NMS_PRE", "50", "MODEL.SOTR.MAX_PER_IMG", "20"]
 
 
@@ -39,7 +43,9 @@ def probes(model):
 
 @pytest.fixture(scope="module")
 def forward(tmp_path_factory):
-    """One batch's losses (originals and their views) and each IUQ loss's gradients."""
+    """One batch's losses (originals and their views) and each IUQ loss's gradients. Only what
+    the tests read is kept: the graph and the trainer take ~10 GB, and the module's other
+    fixture trains a second SOTR."""
     cfg = train_net.setup(args_for(tmp_path_factory.mktemp("sotr_forward")))
     trainer = IUQTrainer(cfg)
     batch = next(trainer._trainer._data_loader_iter)
@@ -48,7 +54,14 @@ def forward(tmp_path_factory):
         key: torch.autograd.grad(loss_dict[key], probes(trainer.model), retain_graph=True)
         for key in ("loss_inter", "loss_equi")
     }
-    return trainer, batch, loss_dict, samples, grads
+    kept = SimpleNamespace(
+        model=type(trainer.model).__name__, adapter=type(trainer.adapter), stride=trainer.adapter.stride,
+        batch=[{"image_id": d["image_id"], "instances": len(d["instances"])} for d in batch],
+        losses={k: v.detach() for k, v in loss_dict.items()}, samples=samples.detach(), grads=grads,
+    )
+    del trainer, loss_dict
+    gc.collect()
+    return kept
 
 
 @pytest.fixture(scope="module")
@@ -56,40 +69,40 @@ def run(tmp_path_factory):
     """One training iteration through train_net.main; its output folder (model_final.pth)."""
     out = tmp_path_factory.mktemp("sotr_run")
     train_net.main(args_for(out, "SOLVER.MAX_ITER", "1", "DATASETS.TEST", "()"))
+    gc.collect()  # the trainer is gone: free its memory before the next model is built
     return out
 
 
 def test_adapter_is_the_solo_family_one(forward):
     from iuq.adapters.grid_kernels import GridKernelAdapter
 
-    trainer = forward[0]
-    assert type(trainer.model).__name__ == "SOTR"
-    assert type(trainer.adapter).__name__ == "SOTR" and isinstance(trainer.adapter, GridKernelAdapter)
-    assert trainer.adapter.stride == 4
+    assert forward.model == "SOTR"
+    assert forward.adapter.__name__ == "SOTR" and issubclass(forward.adapter, GridKernelAdapter)
+    assert forward.stride == 4  # the unified mask feature
 
 
 def test_iuq_losses_are_finite_and_non_zero(forward):
-    _, _, loss_dict, _, _ = forward
+    losses = forward.losses
     for key in ("loss_inter", "loss_equi"):
-        assert torch.isfinite(loss_dict[key]) and loss_dict[key].item() > 0, (key, loss_dict[key])
-    assert {"loss_ins", "loss_cate"} <= set(loss_dict)  # SOTR's own losses are still there
-    assert all(torch.isfinite(v) for v in loss_dict.values()), loss_dict
+        assert torch.isfinite(losses[key]) and losses[key].item() > 0, (key, losses[key])
+    assert {"loss_ins", "loss_cate"} <= set(losses)  # SOTR's own losses are still there
+    assert all(torch.isfinite(v) for v in losses.values()), losses
 
 
 @pytest.mark.parametrize("key", ["loss_inter", "loss_equi"])
 def test_each_iuq_loss_reaches_kernel_head_and_mask_head(forward, key):
-    for which, g in zip(("kernel head", "mask head"), forward[4][key]):
+    for which, g in zip(("kernel head", "mask head"), forward.grads[key]):
         assert torch.isfinite(g).all() and g.abs().sum() > 0, f"{key} does not reach SOTR's {which}"
 
 
 def test_batch_samples_are_256_d_and_carry_the_batch_image_ids(forward):
-    _, batch, _, samples, _ = forward
+    samples = forward.samples
     assert samples.embeddings.shape[1] == 256 and torch.isfinite(samples.embeddings).all()
-    assert set(samples.image_ids.tolist()) == {int(d["image_id"]) for d in batch}
+    assert set(samples.image_ids.tolist()) == {int(d["image_id"]) for d in forward.batch}
     # Instance-balanced: at most 50 samples per instance.
-    for d in batch:
+    for d in forward.batch:
         count = int((samples.image_ids == int(d["image_id"])).sum())
-        assert 0 < count <= 50 * len(d["instances"])
+        assert 0 < count <= 50 * d["instances"]
 
 
 def test_training_fills_the_memory_with_256_d_samples_of_training_images(run):

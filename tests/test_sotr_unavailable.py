@@ -19,7 +19,8 @@ import train_net  # noqa: E402
 from iuq.models import BaseModelUnavailable, register_base_models  # noqa: E402
 
 # The package, and that it cannot share an environment with AdelaiDet.
-NAMED = r"SOTR meta-architecture, provided by SOTR \(github\.com/easton-cau/SOTR; its package is also named `adet`, so it needs its own environment\)"
+NAMED = (r"SOTR meta-architecture, provided by SOTR \(github\.com/easton-cau/SOTR; "
+         r"its package is also named `adet`, so it needs its own environment\)")
 
 
 def args_for(config, *opts):

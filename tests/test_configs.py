@@ -16,6 +16,7 @@ if not adet_provides("condinst"):  # SOTR's package is also named adet
     pytest.skip("the `adet` here is not AdelaiDet: these recipes need its config keys", allow_module_level=True)
 
 from iuq.config import get_iuq_cfg, validate_iuq_config  # noqa: E402
+from config_support import flat, norm, raw  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "IUQ"
 FAMILIES = {"CondInst": "CondInst", "SOLOv2": "SOLOv2"}  # config folder -> META_ARCHITECTURE
@@ -103,29 +104,10 @@ PAPER_IUQ = {
 }
 
 
-def _norm(value):
-    return tuple(_norm(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _flat(node, prefix=""):
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, prefix + key + "."))
-        else:
-            out[prefix + key] = _norm(value)
-    return out
-
-
 def _load(rel):
     cfg = get_iuq_cfg()
     cfg.merge_from_file(str(CONFIGS / rel))
     return cfg
-
-
-def _raw(path):
-    with open(path) as f:
-        return yaml.safe_load(f)
 
 
 def test_every_recipe_and_twin_is_present():
@@ -149,7 +131,7 @@ def test_merges_validates_and_is_self_contained(rel):
     path = CONFIGS / rel
     seen = set()
     while True:
-        base = _raw(path).get("_BASE_")
+        base = raw(path).get("_BASE_")
         if base is None:
             break
         path = (path.parent / base).resolve()
@@ -161,26 +143,26 @@ def test_merges_validates_and_is_self_contained(rel):
 
 @pytest.mark.parametrize("family", sorted(BASE_FILES))
 def test_base_files_spell_out_the_papers_iuq_settings(family):
-    raw = _raw(CONFIGS / family / BASE_FILES[family])
+    written = raw(CONFIGS / family / BASE_FILES[family])
     for dotted, want in PAPER_IUQ.items():
-        node = raw["MODEL"]["IUQ"]
+        node = written["MODEL"]["IUQ"]
         for part in dotted.split("."):
             assert part in node, f"{BASE_FILES[family]} does not set MODEL.IUQ.{dotted}"
             node = node[part]
         if isinstance(node, str) and node.startswith("("):
             node = ast.literal_eval(node)
-        assert _norm(node) == want, f"MODEL.IUQ.{dotted}"
+        assert norm(node) == want, f"MODEL.IUQ.{dotted}"
 
 
 @pytest.mark.parametrize("rel", IUQ_RECIPE_FILES)
 def test_recipe_is_adelaidets_recipe_plus_iuq(rel):
     family, name = rel[: -len(".yaml")].split("/")
     cfg = _load(rel)
-    got = _flat(cfg)
-    defaults = _flat(get_iuq_cfg())
+    got = flat(cfg)
+    defaults = flat(get_iuq_cfg())
     expected = {**ADELAIDET_COMMON[family], **RECIPE_DELTAS[f"{family}/{name}"]}
     for key, want in expected.items():
-        assert got[key] == _norm(want), f"{rel}: {key} = {got[key]!r}, AdelaiDet's recipe has {want!r}"
+        assert got[key] == norm(want), f"{rel}: {key} = {got[key]!r}, AdelaiDet's recipe has {want!r}"
     # Nothing else moved away from the defaults (pinned defaults are fine), except OUTPUT_DIR.
     changed = {k for k in got if got[k] != defaults[k]}
     assert changed - set(expected) == {"OUTPUT_DIR"}, f"{rel}: unexpected changes {sorted(changed - set(expected))}"
@@ -226,9 +208,9 @@ def test_recipe_properties(rel):
 @pytest.mark.parametrize("rel", IUQ_RECIPE_FILES)
 def test_baseline_twin_differs_only_in_iuq_switch_and_output_dir(rel):
     twin = rel[: -len(".yaml")] + "_baseline.yaml"
-    assert _raw(CONFIGS / twin)["_BASE_"] == Path(rel).name
+    assert raw(CONFIGS / twin)["_BASE_"] == Path(rel).name
     recipe, baseline = _load(rel), _load(twin)
-    a, b = _flat(yaml.safe_load(recipe.dump())), _flat(yaml.safe_load(baseline.dump()))
+    a, b = flat(yaml.safe_load(recipe.dump())), flat(yaml.safe_load(baseline.dump()))
     assert a.keys() == b.keys()
     assert {k for k in a if a[k] != b[k]} == {"MODEL.IUQ.ENABLED", "OUTPUT_DIR"}
     assert recipe.MODEL.IUQ.ENABLED is True and baseline.MODEL.IUQ.ENABLED is False

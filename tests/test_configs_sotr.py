@@ -19,6 +19,7 @@ if not adet_provides("sotr"):
                 allow_module_level=True)
 
 from iuq.config import get_iuq_cfg, validate_iuq_config  # noqa: E402
+from config_support import flat, norm, raw  # noqa: E402
 
 FOLDER = Path(__file__).resolve().parents[1] / "configs" / "IUQ" / "SOTR"
 RECIPES = ["R50", "R101", "R_101_DCN"]
@@ -69,29 +70,10 @@ PAPER_IUQ = {  # the paper's IUQ settings, which Base-SOTR.yaml spells out (as t
 }
 
 
-def _norm(value):
-    return tuple(_norm(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _flat(node, prefix=""):
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, prefix + key + "."))
-        else:
-            out[prefix + key] = _norm(value)
-    return out
-
-
 def _load(name):
     cfg = get_iuq_cfg()
     cfg.merge_from_file(str(FOLDER / name))
     return cfg
-
-
-def _raw(path):
-    with open(path) as f:
-        return yaml.safe_load(f)
 
 
 def test_every_recipe_and_twin_is_present():
@@ -105,7 +87,7 @@ def test_merges_validates_and_is_self_contained(name):
     validate_iuq_config(cfg)
     assert cfg.MODEL.META_ARCHITECTURE == "SOTR"
     path, seen = FOLDER / name, set()
-    while (base := _raw(path).get("_BASE_")) is not None:  # no SOTR YAML is ever needed
+    while (base := raw(path).get("_BASE_")) is not None:  # no SOTR YAML is ever needed
         path = (path.parent / base).resolve()
         assert path.parent == FOLDER.resolve() and path.is_file(), f"{name}: _BASE_ {base} leaves configs/IUQ/SOTR"
         assert path not in seen, f"{name}: _BASE_ cycle"
@@ -114,23 +96,23 @@ def test_merges_validates_and_is_self_contained(name):
 
 
 def test_base_spells_out_the_papers_iuq_settings():
-    raw = _raw(FOLDER / "Base-SOTR.yaml")["MODEL"]["IUQ"]
+    written = raw(FOLDER / "Base-SOTR.yaml")["MODEL"]["IUQ"]
     for dotted, want in PAPER_IUQ.items():
-        node = raw
+        node = written
         for part in dotted.split("."):
             assert part in node, f"Base-SOTR.yaml does not set MODEL.IUQ.{dotted}"
             node = node[part]
         if isinstance(node, str) and node.startswith("("):
             node = ast.literal_eval(node)
-        assert _norm(node) == want, f"MODEL.IUQ.{dotted}"
+        assert norm(node) == want, f"MODEL.IUQ.{dotted}"
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_is_sotrs_recipe_plus_iuq(recipe):
-    got, defaults = _flat(_load(f"{recipe}.yaml")), _flat(get_iuq_cfg())
+    got, defaults = flat(_load(f"{recipe}.yaml")), flat(get_iuq_cfg())
     expected = {**SOTR_COMMON, **RECIPE_DELTAS[recipe]}
     for key, want in expected.items():
-        assert got[key] == _norm(want), f"{recipe}: {key} = {got[key]!r}, SOTR's recipe has {want!r}"
+        assert got[key] == norm(want), f"{recipe}: {key} = {got[key]!r}, SOTR's recipe has {want!r}"
     changed = {k for k in got if got[k] != defaults[k]}
     assert changed - set(expected) == {"OUTPUT_DIR"}, f"{recipe}: unexpected changes {sorted(changed - set(expected))}"
     for dotted, want in PAPER_IUQ.items():
@@ -159,8 +141,8 @@ def test_recipe_properties(recipe):
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_baseline_twin_differs_only_in_iuq_switch_and_output_dir(recipe):
     twin = f"{recipe}_baseline.yaml"
-    assert _raw(FOLDER / twin)["_BASE_"] == f"{recipe}.yaml"
-    a, b = (_flat(yaml.safe_load(_load(n).dump())) for n in (f"{recipe}.yaml", twin))
+    assert raw(FOLDER / twin)["_BASE_"] == f"{recipe}.yaml"
+    a, b = (flat(yaml.safe_load(_load(n).dump())) for n in (f"{recipe}.yaml", twin))
     assert a.keys() == b.keys()
     assert {k for k in a if a[k] != b[k]} == {"MODEL.IUQ.ENABLED", "OUTPUT_DIR"}
     assert a["MODEL.IUQ.ENABLED"] is True and b["MODEL.IUQ.ENABLED"] is False

@@ -3,7 +3,6 @@
 Works on any yacs/fvcore ``CfgNode`` (detectron2's ``CfgNode`` is a subclass), so the core can be
 configured and tested without detectron2.
 """
-from fvcore.common.config import CfgNode as CN
 
 INTER_LOSSES = ("focal", "l1", "l2", "ce")
 SAMPLINGS = ("instance", "image", "dense")

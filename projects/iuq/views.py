@@ -7,7 +7,6 @@ The views join the batch as images of their own, so the base model assigns its q
 import random
 from dataclasses import dataclass
 
-import torch
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 
 from .equivariance import HFlip, TransformList, sample_transform

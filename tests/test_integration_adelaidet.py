@@ -79,7 +79,8 @@ def test_stock_model_weights_are_untouched_by_iuq(trained):
 
 
 def test_condinst_sample_decode_matches_its_dynamic_head():
-    """decode_samples on every cell of a real embedding map == the head's own map decode."""
+    """decode_samples on every cell of a real embedding map == the head's own map decode, in value
+    and in the gradients of the queries and the embeddings (its backward is written by hand)."""
     from detectron2.modeling import build_model
     from detectron2.structures import Instances
 
@@ -87,26 +88,33 @@ def test_condinst_sample_decode_matches_its_dynamic_head():
     from iuq.samples import grid_locations
 
     cfg = small_cfg("CondInst")
-    model = build_model(cfg)
+    model = build_model(cfg).double()
     adapter = build_adapter(cfg, model)
     head, stride = model.mask_head, adapter.stride
     torch.manual_seed(0)
     b, h, w, q = 2, 6, 9, 11
-    feats = torch.randn(b, head.in_channels, h, w)
+    feats = torch.randn(b, head.in_channels, h, w, dtype=torch.float64, requires_grad=True)
+    params = (torch.randn(q, head.num_gen_params, dtype=torch.float64) * 0.3).requires_grad_()
     inst = Instances((h * stride, w * stride))
-    inst.mask_head_params = torch.randn(q, head.num_gen_params) * 0.3
+    inst.mask_head_params = params
     inst.im_inds = torch.randint(0, b, (q,))
-    inst.locations = torch.rand(q, 2) * torch.tensor([w * stride, h * stride])
+    inst.locations = torch.rand(q, 2, dtype=torch.float64) * torch.tensor([w * stride, h * stride])
     inst.fpn_levels = torch.randint(0, 5, (q,))
     head.mask_out_stride = stride  # no x2 upsampling: logits on the embedding grid itself
     reference = adapter._with_coords(feats, stride, inst).reshape(q, h * w)
     meta = {"locations": inst.locations, "fpn_levels": inst.fpn_levels}
-    locations = grid_locations(h, w, stride)
+    locations = grid_locations(h, w, stride).double()
+    got = torch.zeros_like(reference)
     for i in range(b):
         mine = inst.im_inds == i
         emb = feats[i].reshape(head.in_channels, -1).t()
-        got = adapter.decode_samples(inst.mask_head_params[mine], {k: v[mine] for k, v in meta.items()}, emb, locations)
-        torch.testing.assert_close(got, reference[mine], rtol=1e-4, atol=1e-4)
+        got[mine] = adapter.decode_samples(params[mine], {k: v[mine] for k, v in meta.items()}, emb, locations)
+    torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-7)  # the head makes its coordinates in float32
+    probe = torch.randn_like(reference)
+    for a, r in zip(torch.autograd.grad((got * probe).sum(), [params, feats]),
+                    torch.autograd.grad((reference * probe).sum(), [params, feats])):
+        assert r.abs().sum() > 0
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(

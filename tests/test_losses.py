@@ -1,6 +1,7 @@
 """Inter-scene loss: hand-computed values, same-image exclusion, agreement with the naive
 Q x M implementation (values and gradients), and memory that does not grow with Q x M."""
 import math
+import weakref
 
 import pytest
 import torch
@@ -138,16 +139,18 @@ def test_half_precision_memory_bank_is_accepted():
 
 
 def saved_bytes(fn):
-    """Bytes of distinct storages autograd keeps for backward while ``fn`` builds its graph."""
-    storages = {}
+    """Bytes of distinct storages autograd still holds for backward once ``fn`` has built its
+    graph (tensors saved by graphs that ``fn`` built and freed internally are not counted)."""
+    saved = []
 
     def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        saved.append(weakref.ref(t))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    return out, sum(storages.values())
+    alive = [r() for r in saved if r() is not None]
+    return out, sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}.values())
 
 
 @pytest.mark.parametrize("decode_kind", ["dot", "condinst"])
@@ -178,6 +181,23 @@ def test_saved_memory_does_not_grow_with_queries_times_samples(decode_kind):
     g_ref = torch.autograd.grad(ref, [queries, batch.embeddings])
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
+def test_each_chunk_is_decoded_once_for_value_and_gradients():
+    torch.manual_seed(0)
+    calls = []
+
+    def counting_decode(queries, meta, embeddings, locations):
+        calls.append(len(embeddings))
+        return condinst_like_decode(queries, meta, embeddings, locations)
+
+    queries = (torch.randn(5, 10 * 4 + 4 + 4 + 1) * 0.3).requires_grad_()
+    meta = {"locations": torch.rand(5, 2) * 100, "soi": torch.full((5,), 64.0)}
+    mem = PixelSamples(torch.randn(250, 8), torch.rand(250, 2) * 100, torch.randint(10, 20, (250,)))
+    loss = inter_scene_loss(queries, torch.arange(5), [mem], decode=counting_decode, query_meta=meta, chunk_size=100)
+    loss.backward()
+    assert calls == [100, 100, 50]  # backward decoded nothing again
+    assert queries.grad.abs().sum() > 0
 
 
 def test_mismatched_ids_are_reported():

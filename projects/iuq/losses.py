@@ -13,16 +13,15 @@ negatives, its scale does not change with the memory size, so the paper's weight
 ``MEMORY.SIZE``. Queries with no negative (e.g. a batch of one image and an empty memory) are
 left out; if none has one the loss is a zero that still depends on the queries.
 
-Memory: the Q x M logits are never kept; samples are decoded ``chunk_size`` at a time. For the
-dot-product decode the gradients are formed in the forward pass itself (the loss is a scalar), so
-backward only rescales them. For any other decode (CondInst's dynamic MLP) each chunk runs inside
-``torch.utils.checkpoint``, which keeps only the chunk's inputs (views of the queries and the
-bank) and recomputes its logits in backward. Either way peak memory grows with (Q + M) * D plus
-one Q x chunk_size block, not with Q x M.
+Cost: the Q x M logits are never kept. Samples are decoded ``chunk_size`` at a time and, as the
+loss is a scalar whose derivative in each logit has a closed form, every chunk's gradients are
+formed in the forward pass itself and the chunk is freed: backward only rescales them, and no
+logit is computed twice (unlike ``torch.utils.checkpoint``, which would decode every chunk again
+in backward). Peak memory grows with (Q + M) * D plus one chunk's decode (Q x chunk_size x the
+decode's width), not with Q x M.
 """
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 def dot_product_decode(queries, query_meta, embeddings, locations):
@@ -49,20 +48,23 @@ def inter_pointwise_loss(logits, loss="focal", alpha=0.1, gamma=2.5):
 
 
 def inter_pointwise_loss_and_grad(logits, loss="focal", alpha=0.1, gamma=2.5):
-    """(l(x), dl/dx) of :func:`inter_pointwise_loss`, in float32, from one sigmoid."""
+    """(l(x), dl/dx) of :func:`inter_pointwise_loss`, in float32, from one sigmoid. Runs on every
+    (query, sample) pair, so it works in place where it can."""
     x = logits.float()
     p = torch.sigmoid(x)
     if loss == "focal":
         sp = F.softplus(x)
         p_gamma = p.pow(gamma)
+        value = (p_gamma * sp).mul_(1.0 - alpha)
         # d/dx [p^g * softplus(x)] = p^g * (g * (1 - p) * softplus(x) + p), since dp/dx = p (1 - p)
-        return (1.0 - alpha) * p_gamma * sp, (1.0 - alpha) * p_gamma * (gamma * (1.0 - p) * sp + p)
+        slope = sp.mul_(1.0 - p).mul_(gamma).add_(p).mul_(p_gamma).mul_(1.0 - alpha)
+        return value, slope
     if loss == "ce":
         return F.softplus(x), p
     if loss == "l1":
         return p, p * (1.0 - p)
     if loss == "l2":
-        return p * p, 2.0 * p * p * (1.0 - p)
+        return p * p, (p * p).mul_(1.0 - p).mul_(2.0)
     raise ValueError(f"Unknown inter-scene loss {loss!r}; use focal, l1, l2 or ce")
 
 
@@ -78,31 +80,42 @@ def _query_weights(query_ids, banks):
     return weights
 
 
-class _DotProductInterLoss(torch.autograd.Function):
-    """sum_{q, m} w_q [id_q != id_m] l(<q, e_m>) for the dot-product decode, chunked over the
-    samples. The gradients are formed in the same pass (the loss is a scalar, so backward only
-    rescales them): no logits are kept and nothing is recomputed. Computes in float32."""
+class _FusedInterLoss(torch.autograd.Function):
+    """sum_{q, m} w_q [id_q != id_m] l(decode(q, e_m)), chunked over the samples, with its
+    gradients formed in the same pass: the loss is a scalar, so each chunk's d total / d logits is
+    known in closed form (``inter_pointwise_loss_and_grad``) and is pushed through the decode at
+    once, after which the chunk's graph is freed. Nothing of size Q x M is kept, nothing is
+    recomputed, and backward only rescales the stored gradients. ``query_meta`` and the banks'
+    locations are constants (no gradient). Computes in at least float32."""
 
     @staticmethod
-    def forward(ctx, queries, weights, query_ids, loss, alpha, gamma, chunk_size, *bank):
-        q = queries.float()
-        total = q.new_zeros(())
+    def forward(ctx, decode, query_meta, weights, query_ids, loss, alpha, gamma, chunk_size, queries, *bank):
+        dtype = torch.promote_types(queries.dtype, torch.float32)
+        q = queries.detach().to(dtype).requires_grad_(ctx.needs_input_grad[8])
+        total = torch.zeros((), dtype=dtype, device=q.device)
         grad_q = torch.zeros_like(q)
         grad_bank = []
-        for k in range(0, len(bank), 2):
-            emb, ids = bank[k], bank[k + 1]
-            needs = ctx.needs_input_grad[7 + k]
-            grad_emb = torch.zeros(emb.shape, dtype=torch.float32, device=emb.device) if needs else None
+        for k in range(0, len(bank), 3):
+            emb, locations, ids = bank[k : k + 3]
+            needs = ctx.needs_input_grad[9 + k]
+            grad_emb = torch.zeros(emb.shape, dtype=dtype, device=emb.device) if needs else None
             for s in range(0, len(emb), chunk_size):
-                e = emb[s : s + chunk_size].float()
-                value, slope = inter_pointwise_loss_and_grad(q @ e.t(), loss, alpha, gamma)
-                w = weights[:, None] * (query_ids[:, None] != ids[s : s + chunk_size][None, :])
-                total += (value * w).sum()
-                g = slope * w  # d total / d logits for this chunk
-                grad_q += g @ e
+                e = emb[s : s + chunk_size].detach().to(dtype).requires_grad_(needs)
+                wrt = [t for t in (q, e) if t.requires_grad]
+                with torch.enable_grad():
+                    logits = decode(q, query_meta, e, locations[s : s + chunk_size])
+                value, slope = inter_pointwise_loss_and_grad(logits.detach(), loss, alpha, gamma)
+                same = query_ids[:, None] == ids[s : s + chunk_size][None, :]  # not negatives
+                total += (value.masked_fill_(same, 0.0).sum(dim=1) * weights).sum()
+                if not wrt:
+                    continue
+                slope = slope.masked_fill_(same, 0.0).mul_(weights[:, None])  # d total / d logits
+                grads = torch.autograd.grad(logits, wrt, slope.to(logits.dtype))
+                if q.requires_grad:
+                    grad_q += grads[0]
                 if needs:
-                    grad_emb[s : s + chunk_size] = g.t() @ q
-            grad_bank += [grad_emb, None]
+                    grad_emb[s : s + chunk_size] = grads[-1]
+            grad_bank += [grad_emb, None, None]
         ctx.save_for_backward(grad_q, *[g for g in grad_bank if g is not None])
         ctx.bank_has_grad = [g is not None for g in grad_bank]
         ctx.dtypes = (queries.dtype, [t.dtype for t in bank])
@@ -116,15 +129,7 @@ class _DotProductInterLoss(torch.autograd.Function):
             (next(saved) * grad_total).to(dtype) if has else None
             for has, dtype in zip(ctx.bank_has_grad, ctx.dtypes[1])
         ]
-        return ((grad_q * grad_total).to(ctx.dtypes[0]), None, None, None, None, None, None, *grads)
-
-
-def _chunk_sums(queries, query_ids, embeddings, locations, ids, decode, query_meta, loss, alpha, gamma):
-    """Per-query sum of the loss over this chunk's negatives: [Q] float32."""
-    logits = decode(queries, query_meta, embeddings, locations)
-    values = inter_pointwise_loss(logits, loss, alpha, gamma)
-    negative = query_ids[:, None] != ids[None, :]
-    return torch.where(negative, values, values.new_zeros(())).sum(dim=1)
+        return (None,) * 8 + ((grad_q * grad_total).to(ctx.dtypes[0]), *grads)
 
 
 def inter_scene_loss(
@@ -136,7 +141,7 @@ def inter_scene_loss(
     loss="focal",
     alpha=0.1,
     gamma=2.5,
-    chunk_size=4096,
+    chunk_size=1024,
 ):
     """Inter-scene loss of ``queries`` against pixel samples of other images.
 
@@ -146,12 +151,11 @@ def inter_scene_loss(
         banks: iterable of :class:`~iuq.samples.PixelSamples` (the mini-batch's samples, which
             may carry gradient, and the memory's, which do not). Same-image samples are skipped.
         decode: ``decode(queries [q, P], query_meta, embeddings [C, D], locations [C, 2])``
-            -> logits [q, C]. A pure function of its inputs (no parameters of its own).
-            :func:`dot_product_decode` takes a fused path with hand-derived gradients; any other
-            decode is recomputed chunk by chunk in backward (``torch.utils.checkpoint``).
+            -> logits [q, C]. A pure function of its inputs (no parameters of its own),
+            differentiable in ``queries`` and ``embeddings``.
         query_meta: per-query tensors the decode needs (CondInst: locations, sizes of interest),
-            passed through untouched.
-        chunk_size: samples decoded at once.
+            passed through untouched and treated as constants.
+        chunk_size: samples decoded at once (peak memory: one chunk's decode).
 
     Returns:
         scalar float32 loss (see the module docstring for the normalisation).
@@ -165,30 +169,10 @@ def inter_scene_loss(
     weights = _query_weights(query_image_ids, banks)
     if not bool((weights > 0).any()):
         return queries.sum().float() * 0.0
-    if decode is dot_product_decode:
-        flat = [t for b in banks for t in (b.embeddings, b.image_ids.to(queries.device))]
-        return _DotProductInterLoss.apply(
-            queries, weights, query_image_ids, loss, alpha, gamma, chunk_size, *flat
-        )
-    sums = queries.new_zeros(queries.shape[0], dtype=torch.float32)
-    for bank in banks:
-        for start in range(0, len(bank), chunk_size):
-            chunk = bank[start : start + chunk_size]
-            sums = sums + checkpoint(
-                _chunk_sums,
-                queries,
-                query_image_ids,
-                chunk.embeddings,
-                chunk.locations,
-                chunk.image_ids.to(queries.device),
-                decode,
-                query_meta,
-                loss,
-                alpha,
-                gamma,
-                use_reentrant=False,
-            )
-    return (sums * weights).sum()
+    flat = [t for b in banks for t in (b.embeddings, b.locations, b.image_ids.to(queries.device))]
+    return _FusedInterLoss.apply(
+        decode, query_meta, weights, query_image_ids, loss, alpha, gamma, chunk_size, queries, *flat
+    )
 
 
 def naive_inter_scene_loss(

@@ -16,6 +16,45 @@ from detectron2.structures import Instances
 from .base import IUQ_ADAPTER_REGISTRY, IUQAdapter
 
 
+class _DynamicMLP(torch.autograd.Function):
+    """Per-query MLP on shared samples: x_1 = W_0 S^T, x_{k+1} = W_k relu(x_k) + b_k -> [Q, C].
+
+    w0 [Q, H, K] (first layer in linear form, bias included), samples [C, K], then (w_k
+    [Q, out, in], b_k [Q, out, 1]) per later layer, the last with out = 1. The same math as
+    autograd's graph of these ops, with the backward written out so the ReLUs run in place and
+    no [Q, H, C] temporary beyond the layer gradients is formed: this is the inner loop of the
+    inter-scene loss (every query against every memory sample), where those temporaries cost more
+    time than the products themselves.
+    """
+
+    @staticmethod
+    def forward(ctx, w0, samples, *layers):
+        q, h, k = w0.shape
+        x = (w0.reshape(q * h, k) @ samples.t()).reshape(q, h, -1)
+        hidden = []
+        for w, b in zip(layers[0::2], layers[1::2]):
+            hidden.append(x.relu_())  # x is this function's own tensor
+            x = torch.baddbmm(b, w, hidden[-1])
+        ctx.save_for_backward(w0, samples, *layers[0::2], *hidden)
+        return x[:, 0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        w0, samples, *rest = ctx.saved_tensors
+        n = len(rest) // 2
+        weights, hidden = rest[:n], rest[n:]
+        g, layer_grads = grad[:, None], []  # g: d loss / d x_k, [Q, out, C]
+        for w, x in zip(reversed(weights), reversed(hidden)):
+            layer_grads = [g @ x.transpose(1, 2), g.sum(dim=2, keepdim=True)] + layer_grads
+            g = torch.ops.aten.threshold_backward(torch.bmm(w.transpose(1, 2), g), x, 0)  # ReLU'
+        q, h, k = w0.shape
+        g = g.reshape(q * h, -1)
+        # (S^T g^T)^T: MKL is ~2x faster with the thin samples matrix on the left.
+        grad_w0 = (samples.t().contiguous() @ g.t()).t().reshape(q, h, k) if ctx.needs_input_grad[0] else None
+        grad_samples = g.t() @ w0.reshape(q * h, k) if ctx.needs_input_grad[1] else None
+        return (grad_w0, grad_samples, *layer_grads)
+
+
 @IUQ_ADAPTER_REGISTRY.register()
 class CondInst(IUQAdapter):
     """Registered under the meta-architecture's name, as all adapters are."""
@@ -70,28 +109,31 @@ class CondInst(IUQAdapter):
         against the query's location and size of interest, exactly as for its own image.
 
         The head's weights come from its own ``parse_dynamic_params``. The first layer is applied
-        in its linear form, ``W0 [(loc_q - L_m) / soi_q ; e_m] = c_q + A_q [L_m ; e_m]``: one GEMM
-        against the shared [C, 2 + D] sample matrix, so no [Q, C, 2 + D] input is built (the
-        head's own grouped-conv path would). ``tests/test_integration_adelaidet.py`` checks it
+        in its linear form, ``W0 [(loc_q - L_m) / soi_q ; e_m] + b_q = A_q [L_m ; e_m ; 1]``: one
+        GEMM against the shared [C, 2 + D + 1] sample matrix, so no [Q, C, 2 + D] input is built
+        (the head's own grouped-conv path would); the later layers add their bias inside the
+        batched matmul (``baddbmm``). ``tests/test_integration_adelaidet.py`` checks it
         against the head's ``mask_heads_forward_with_coords`` on a real embedding map.
         """
         head, q, c = self.head, queries.shape[0], embeddings.shape[0]
         weights, biases = parse_dynamic_params(queries, head.channels, head.weight_nums, head.bias_nums)
         w0 = weights[0].reshape(q, head.channels, -1)  # [Q, 8, (2 +) D]
-        samples = embeddings.to(queries.dtype)
         bias = biases[0].reshape(q, -1)
+        columns = [embeddings.to(queries.dtype)]
         if not head.disable_rel_coords:
             soi = self._sizes_of_interest(query_meta).to(queries.dtype)[:, None, None]
             w_xy = w0[:, :, :2] / soi
             bias = bias + (w_xy @ query_meta["locations"].to(queries.dtype)[:, :, None])[..., 0]
             w0 = torch.cat([-w_xy, w0[:, :, 2:]], dim=2)
-            samples = torch.cat([locations.to(queries.device, queries.dtype), samples], dim=1)
-        x = (w0.reshape(-1, w0.shape[2]) @ samples.t()).reshape(q, -1, c) + bias[:, :, None]  # [Q, 8, C]
-        for w, b in zip(weights[1:], biases[1:]):
-            x = torch.relu(x)
-            w = w.reshape(q, -1, x.shape[1])  # [Q, out, in]
-            x = w @ x + b.reshape(q, -1)[:, :, None]
-        return x.reshape(q, c)
+            columns.insert(0, locations.to(queries.device, queries.dtype))
+        # The bias as a last column against a column of ones: the whole first layer is one GEMM.
+        w0 = torch.cat([w0, bias[:, :, None]], dim=2)
+        samples = torch.cat(columns + [queries.new_ones(c, 1)], dim=1)
+        layers = []
+        for w, b in zip(weights[1:], biases[1:]):  # w: [Q * out, in, 1, 1], b: [Q * out]
+            b = b.reshape(q, -1, 1)
+            layers += [w.reshape(q, b.shape[1], -1), b]
+        return _DynamicMLP.apply(w0, samples, *layers)
 
     def decode_map(self, queries, query_meta, query_images, embeddings):
         inst = Instances((0, 0))

@@ -13,9 +13,12 @@ equivariant views count as images of the step as augmented copies do for the bas
   equi       + loss_equi (EQUI.MODE full)
   both       + both
 Each (model, mode, M) runs in its own subprocess (so its peak is its own), and the
-combinations are interleaved round by round so drift cancels. Reported: median seconds per
-image over rounds and steps, its ratio to the baseline's, and the peak memory ratio (process
-peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU).
+combinations are interleaved round by round so drift cancels. Every run sees the same images in
+the same order and draws the same views (all RNGs seeded), so modes differ only in IUQ's work.
+Reported: median seconds per image over rounds and steps, its ratio to the baseline's, the peak
+memory ratio (process peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU), and, to
+explain the ratios, the seconds per image spent inside IUQ's own loss calls (``inter_loss``, which
+also forms its gradients, and ``equi_loss``'s forward) and the queries per step.
 """
 import argparse
 import json
@@ -38,6 +41,7 @@ MODES = {
 
 def child(model, mode, memory, args):
     import torch
+    from detectron2.utils.env import seed_all_rng
     from detectron2.utils.events import EventStorage
 
     from iuq.config import get_iuq_cfg
@@ -54,31 +58,51 @@ def child(model, mode, memory, args):
         "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "SOLVER.BASE_LR", "0.001",
         "MODEL.IUQ.MEMORY.SIZE", str(max(memory, 1)), "OUTPUT_DIR", "/tmp/iuq_bench",
     ])
+    seed_all_rng(1)  # the data loader's order and flips: the same images for every mode
     trainer = IUQTrainer(cfg)
     cuda = args.device.startswith("cuda")
-    times = []
+    times, iuq_times, queries = [], [], []
+    in_iuq = [0.0]
+
+    def timed(method):  # seconds spent inside one of the trainer's IUQ loss calls
+        def call(cap, *a):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = method(cap, *a)
+            if cuda:
+                torch.cuda.synchronize()
+            in_iuq[0] += time.perf_counter() - t0
+            if method.__name__ == "inter_loss":
+                queries.append(len(cap.queries))
+            return out
+        return call
+
+    trainer.inter_loss, trainer.equi_loss = timed(trainer.inter_loss), timed(trainer.equi_loss)
     with EventStorage(0):
         for it in range(args.warmup + args.steps):
             trainer.iter = it
             if it == args.warmup:  # steady state: a full memory
                 mem = trainer.memory
-                if mode in ("inter", "both") and mem.dim:
-                    n = mem.capacity - len(mem)
-                    dev = mem.device
+                while mode in ("inter", "both") and mem.dim and len(mem) < mem.capacity:
+                    n, dev = min(mem.capacity - len(mem), 100_000), mem.device  # in parts: no big temporary
                     mem.enqueue(PixelSamples(
                         torch.randn(n, mem.dim, device=dev), torch.rand(n, 2, device=dev) * 800,
                         torch.randint(10**9, 2 * 10**9, (n,), device=dev)), gather=False)
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
+            in_iuq[0] = 0.0
             start = time.perf_counter()
             trainer.run_step()
             if cuda:
                 torch.cuda.synchronize()
             if it >= args.warmup:
                 times.append(time.perf_counter() - start)
+                iuq_times.append(in_iuq[0])
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds_per_image": [t / 4 for t in times], "peak_bytes": peak}
+    return {"seconds_per_image": [t / 4 for t in times], "iuq_seconds_per_image": [t / 4 for t in iuq_times],
+            "queries": queries[args.warmup:], "peak_bytes": peak}
 
 
 def main():
@@ -104,7 +128,7 @@ def main():
 
     runs = [(m, mode, size) for m in args.models for mode in args.modes
             for size in (args.memory if mode in ("inter", "both") else [0])]
-    results = {r: {"t": [], "peak": []} for r in runs}
+    results = {r: {"t": [], "iuq": [], "q": [], "peak": []} for r in runs}
     for rnd in range(args.rounds):
         for run in runs:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", ",".join(map(str, run))]
@@ -115,6 +139,8 @@ def main():
                 sys.exit(f"{run} failed:\n{out.stderr[-3000:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results[run]["t"] += r["seconds_per_image"]
+            results[run]["iuq"] += r["iuq_seconds_per_image"]
+            results[run]["q"] += r["queries"]
             results[run]["peak"].append(r["peak_bytes"])
             print(f"round {rnd} {run}: {statistics.median(r['seconds_per_image']):.3f} s/image, "
                   f"peak {r['peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
@@ -122,7 +148,8 @@ def main():
     unit = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
     print(f"\nIUQ training-step cost, device={args.device}, {args.min_size}x<={args.max_size}, "
           f"4 images/step, {args.rounds} rounds x {args.steps} steps; peak = {unit}")
-    print(f"{'model':9} {'mode':9} {'memory':>8} | {'s/image':>8} {'time x':>7} | {'peak GiB':>8} {'peak x':>7}")
+    print(f"{'model':9} {'mode':9} {'memory':>8} | {'s/image':>8} {'time x':>7} | {'peak GiB':>8} {'peak x':>7}"
+          f" | {'IUQ s/im':>8} {'queries':>7}")
     for model in args.models:
         base = results[(model, "baseline", 0)] if "baseline" in args.modes else None
         for run in [r for r in runs if r[0] == model]:
@@ -130,7 +157,10 @@ def main():
             tx = t / statistics.median(base["t"]) if base else float("nan")
             px = peak / max(base["peak"]) if base else float("nan")
             size = f"{run[2] // 1000}K" if run[2] else "-"
-            print(f"{model:9} {run[1]:9} {size:>8} | {t:8.3f} {tx:7.3f} | {peak / 2**30:8.2f} {px:7.3f}")
+            iuq = statistics.median(results[run]["iuq"])
+            q = f"{statistics.median(results[run]['q']):7.0f}" if results[run]["q"] else f"{'-':>7}"
+            print(f"{model:9} {run[1]:9} {size:>8} | {t:8.3f} {tx:7.3f} | {peak / 2**30:8.2f} {px:7.3f}"
+                  f" | {iuq:8.3f} {q}")
 
 
 if __name__ == "__main__":

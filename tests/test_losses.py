@@ -6,7 +6,7 @@ import weakref
 import pytest
 import torch
 
-from iuq.losses import inter_pointwise_loss, inter_scene_loss, naive_inter_scene_loss
+from iuq.losses import SampleDecode, inter_pointwise_loss, inter_scene_loss, naive_inter_scene_loss
 from iuq.samples import PixelSamples
 
 
@@ -93,8 +93,33 @@ def condinst_like_decode(queries, meta, embeddings, locations):
     return torch.einsum("qch,qh->qc", h, w2) + b2[:, None]
 
 
+class PreparedCondInstLikeDecode(SampleDecode):
+    """``condinst_like_decode`` split as CondInst's adapter splits it: ``prepare`` folds the
+    relative coordinates into the first layer (linear form), ``apply`` only touches samples."""
+
+    def __init__(self):
+        self.prepared = 0
+
+    def prepare(self, queries, meta):
+        self.prepared += 1
+        hidden = 4
+        cin = (queries.shape[1] - 2 * hidden - 1) // hidden
+        w1 = queries[:, : cin * hidden].reshape(-1, hidden, cin)
+        b1 = queries[:, cin * hidden : cin * hidden + hidden]
+        w_xy = w1[:, :, -2:] / meta["soi"][:, None, None]
+        b1 = b1 + (w_xy @ meta["locations"][:, :, None])[..., 0]
+        a = torch.cat([w1[:, :, :-2], -w_xy, b1[:, :, None]], dim=2)  # against [e ; L ; 1]
+        return a, queries[:, cin * hidden + hidden : cin * hidden + 2 * hidden], queries[:, -1]
+
+    def apply(self, prepared, embeddings, locations):
+        a, w2, b2 = prepared
+        samples = torch.cat([embeddings, locations.to(embeddings.dtype), embeddings.new_ones(len(embeddings), 1)], 1)
+        h = torch.relu(torch.einsum("ck,qhk->qch", samples, a))
+        return torch.einsum("qch,qh->qc", h, w2) + b2[:, None]
+
+
 @pytest.mark.parametrize("loss_name", ["focal", "ce", "l1", "l2"])
-@pytest.mark.parametrize("decode_kind", ["dot", "condinst"])
+@pytest.mark.parametrize("decode_kind", ["dot", "condinst", "prepared"])
 @pytest.mark.parametrize("chunk", [7, 64, 100000])
 def test_matches_naive_values_and_gradients(loss_name, decode_kind, chunk):
     torch.manual_seed(3)
@@ -105,7 +130,8 @@ def test_matches_naive_values_and_gradients(loss_name, decode_kind, chunk):
         queries = torch.randn(q_count, d, dtype=torch.float64)
         meta = None
     else:
-        decode = condinst_like_decode
+        # "prepared": the same decode split in two, so gradients also pass through ``prepare``.
+        decode = condinst_like_decode if decode_kind == "condinst" else PreparedCondInstLikeDecode()
         queries = torch.randn(q_count, (d + 2) * 4 + 4 + 4 + 1, dtype=torch.float64) * 0.5
         meta = {"locations": torch.rand(q_count, 2, dtype=torch.float64) * 100,
                 "soi": torch.full((q_count,), 64.0, dtype=torch.float64)}
@@ -198,6 +224,23 @@ def test_each_chunk_is_decoded_once_for_value_and_gradients():
     loss.backward()
     assert calls == [100, 100, 50]  # backward decoded nothing again
     assert queries.grad.abs().sum() > 0
+
+
+def test_a_split_decode_prepares_the_queries_once_per_loss():
+    torch.manual_seed(0)
+    decode = PreparedCondInstLikeDecode()
+    applied = []
+    apply = decode.apply
+    decode.apply = lambda prepared, e, loc: applied.append(len(e)) or apply(prepared, e, loc)
+    queries = (torch.randn(5, 10 * 4 + 4 + 4 + 1) * 0.3).requires_grad_()
+    meta = {"locations": torch.rand(5, 2) * 100, "soi": torch.full((5,), 64.0)}
+    mem = PixelSamples(torch.randn(250, 8), torch.rand(250, 2) * 100, torch.randint(10, 20, (250,)))
+    loss = inter_scene_loss(queries, torch.arange(5), [mem], decode=decode, query_meta=meta, chunk_size=100)
+    loss.backward()
+    assert decode.prepared == 1 and applied == [100, 100, 50]
+    # The plain call is prepare + apply: the same numbers as the unsplit decode.
+    torch.testing.assert_close(decode(queries, meta, mem.embeddings, mem.locations),
+                               condinst_like_decode(queries, meta, mem.embeddings, mem.locations))
 
 
 def test_mismatched_ids_are_reported():

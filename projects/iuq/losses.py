@@ -19,14 +19,54 @@ formed in the forward pass itself and the chunk is freed: backward only rescales
 logit is computed twice (unlike ``torch.utils.checkpoint``, which would decode every chunk again
 in backward). Peak memory grows with (Q + M) * D plus one chunk's decode (Q x chunk_size x the
 decode's width), not with Q x M.
+
+A decode may be split in two (:class:`SampleDecode`): ``prepare`` turns the queries into what the
+per-sample work needs (CondInst: its dynamic MLP's weights in linear form) once per loss, and
+``apply`` runs once per chunk on that; the chunks' gradients are summed on the prepared tensors
+and reach the queries through one backward of ``prepare``, not one per chunk.
 """
 import torch
 import torch.nn.functional as F
 
 
-def dot_product_decode(queries, query_meta, embeddings, locations):
+class SampleDecode:
+    """How queries turn into logits on pixel samples, in two steps the loss can run apart:
+
+    ``prepare(queries [Q, P], query_meta)`` -> tuple of tensors, differentiable in the queries,
+    run once per loss; ``apply(prepared, embeddings [C, D], locations [C, 2])`` -> logits [Q, C],
+    differentiable in ``prepared`` and ``embeddings``, run once per chunk of samples. Calling the
+    object is the plain decode signature: ``decode(queries, query_meta, embeddings, locations)``.
+    """
+
+    def prepare(self, queries, query_meta):
+        return (queries,)
+
+    def apply(self, prepared, embeddings, locations):
+        raise NotImplementedError
+
+    def __call__(self, queries, query_meta, embeddings, locations):
+        return self.apply(self.prepare(queries, query_meta), embeddings, locations)
+
+
+class DotProductDecode(SampleDecode):
     """SOLOv2 / SOTR / Mask2Former / SparseInst decode: logits [Q, C] = queries [Q, D] @ emb^T."""
-    return queries @ embeddings.to(queries.dtype).t()
+
+    def apply(self, prepared, embeddings, locations):
+        (queries,) = prepared
+        return queries @ embeddings.to(queries.dtype).t()
+
+
+dot_product_decode = DotProductDecode()
+
+
+class _PlainDecode(SampleDecode):
+    """A plain ``decode(queries, query_meta, embeddings, locations)`` function as a SampleDecode."""
+
+    def __init__(self, decode, query_meta):
+        self.decode, self.query_meta = decode, query_meta
+
+    def apply(self, prepared, embeddings, locations):
+        return self.decode(prepared[0], self.query_meta, embeddings, locations)
 
 
 def inter_pointwise_loss(logits, loss="focal", alpha=0.1, gamma=2.5):
@@ -81,55 +121,62 @@ def _query_weights(query_ids, banks):
 
 
 class _FusedInterLoss(torch.autograd.Function):
-    """sum_{q, m} w_q [id_q != id_m] l(decode(q, e_m)), chunked over the samples, with its
+    """sum_{q, m} w_q [id_q != id_m] l(apply(prepared, e_m)), chunked over the samples, with its
     gradients formed in the same pass: the loss is a scalar, so each chunk's d total / d logits is
     known in closed form (``inter_pointwise_loss_and_grad``) and is pushed through the decode at
     once, after which the chunk's graph is freed. Nothing of size Q x M is kept, nothing is
-    recomputed, and backward only rescales the stored gradients. ``query_meta`` and the banks'
-    locations are constants (no gradient). Computes in at least float32."""
+    recomputed, and backward only rescales the stored gradients. The banks' locations are
+    constants (no gradient). Computes in at least float32.
+
+    Inputs after the constants: ``num_prepared`` prepared query tensors, then (embeddings,
+    locations, image_ids) per bank."""
 
     @staticmethod
-    def forward(ctx, decode, query_meta, weights, query_ids, loss, alpha, gamma, chunk_size, queries, *bank):
-        dtype = torch.promote_types(queries.dtype, torch.float32)
-        q = queries.detach().to(dtype).requires_grad_(ctx.needs_input_grad[8])
-        total = torch.zeros((), dtype=dtype, device=q.device)
-        grad_q = torch.zeros_like(q)
+    def forward(ctx, apply, weights, query_ids, loss, alpha, gamma, chunk_size, num_prepared, *inputs):
+        n = num_prepared
+        dtype = torch.promote_types(inputs[0].dtype, torch.float32)
+        prepared = [t.detach().to(dtype).requires_grad_(ctx.needs_input_grad[8 + i]) for i, t in enumerate(inputs[:n])]
+        bank = inputs[n:]
+        total = torch.zeros((), dtype=dtype, device=query_ids.device)
+        grad_prepared = [torch.zeros_like(p) if p.requires_grad else None for p in prepared]
+        query_images = query_ids.unique()
         grad_bank = []
         for k in range(0, len(bank), 3):
             emb, locations, ids = bank[k : k + 3]
-            needs = ctx.needs_input_grad[9 + k]
+            needs = ctx.needs_input_grad[8 + n + k]
             grad_emb = torch.zeros(emb.shape, dtype=dtype, device=emb.device) if needs else None
             for s in range(0, len(emb), chunk_size):
                 e = emb[s : s + chunk_size].detach().to(dtype).requires_grad_(needs)
-                wrt = [t for t in (q, e) if t.requires_grad]
+                wrt = [t for t in prepared + [e] if t.requires_grad]
                 with torch.enable_grad():
-                    logits = decode(q, query_meta, e, locations[s : s + chunk_size])
+                    logits = apply(prepared, e, locations[s : s + chunk_size])
                 value, slope = inter_pointwise_loss_and_grad(logits.detach(), loss, alpha, gamma)
-                same = query_ids[:, None] == ids[s : s + chunk_size][None, :]  # not negatives
-                total += (value.masked_fill_(same, 0.0).sum(dim=1) * weights).sum()
+                chunk_ids = ids[s : s + chunk_size]
+                if bool(torch.isin(chunk_ids, query_images).any()):  # some samples are not negatives
+                    same = query_ids[:, None] == chunk_ids[None, :]
+                    value.masked_fill_(same, 0.0)
+                    slope.masked_fill_(same, 0.0)
+                total += weights @ value.sum(dim=1)
                 if not wrt:
                     continue
-                slope = slope.masked_fill_(same, 0.0).mul_(weights[:, None])  # d total / d logits
-                grads = torch.autograd.grad(logits, wrt, slope.to(logits.dtype))
-                if q.requires_grad:
-                    grad_q += grads[0]
+                grads = iter(torch.autograd.grad(logits, wrt, slope.mul_(weights[:, None]).to(logits.dtype)))
+                for acc in grad_prepared:
+                    if acc is not None:
+                        acc += next(grads)
                 if needs:
-                    grad_emb[s : s + chunk_size] = grads[-1]
+                    grad_emb[s : s + chunk_size] = next(grads)
             grad_bank += [grad_emb, None, None]
-        ctx.save_for_backward(grad_q, *[g for g in grad_bank if g is not None])
-        ctx.bank_has_grad = [g is not None for g in grad_bank]
-        ctx.dtypes = (queries.dtype, [t.dtype for t in bank])
+        grads = grad_prepared + grad_bank
+        ctx.has_grad = [g is not None for g in grads]
+        ctx.save_for_backward(*[g for g in grads if g is not None])
+        ctx.dtypes = [t.dtype for t in inputs]
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_q, *saved = ctx.saved_tensors
-        saved = iter(saved)
-        grads = [
-            (next(saved) * grad_total).to(dtype) if has else None
-            for has, dtype in zip(ctx.bank_has_grad, ctx.dtypes[1])
-        ]
-        return (None,) * 8 + ((grad_q * grad_total).to(ctx.dtypes[0]), *grads)
+        saved = iter(ctx.saved_tensors)
+        grads = [(next(saved) * grad_total).to(dtype) if has else None for has, dtype in zip(ctx.has_grad, ctx.dtypes)]
+        return (None,) * 8 + tuple(grads)
 
 
 def inter_scene_loss(
@@ -150,7 +197,8 @@ def inter_scene_loss(
         query_image_ids: [Q] int64 dataset-level id of each query's image.
         banks: iterable of :class:`~iuq.samples.PixelSamples` (the mini-batch's samples, which
             may carry gradient, and the memory's, which do not). Same-image samples are skipped.
-        decode: ``decode(queries [q, P], query_meta, embeddings [C, D], locations [C, 2])``
+        decode: a :class:`SampleDecode` (its ``prepare`` runs once, its ``apply`` per chunk), or
+            a plain ``decode(queries [q, P], query_meta, embeddings [C, D], locations [C, 2])``
             -> logits [q, C]. A pure function of its inputs (no parameters of its own),
             differentiable in ``queries`` and ``embeddings``.
         query_meta: per-query tensors the decode needs (CondInst: locations, sizes of interest),
@@ -169,9 +217,12 @@ def inter_scene_loss(
     weights = _query_weights(query_image_ids, banks)
     if not bool((weights > 0).any()):
         return queries.sum().float() * 0.0
+    if not isinstance(decode, SampleDecode):
+        decode = _PlainDecode(decode, query_meta)
+    prepared = tuple(decode.prepare(queries, query_meta))
     flat = [t for b in banks for t in (b.embeddings, b.locations, b.image_ids.to(queries.device))]
     return _FusedInterLoss.apply(
-        decode, query_meta, weights, query_image_ids, loss, alpha, gamma, chunk_size, queries, *flat
+        decode.apply, weights, query_image_ids, loss, alpha, gamma, chunk_size, len(prepared), *prepared, *flat
     )
 
 

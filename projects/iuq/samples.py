@@ -139,9 +139,8 @@ def sample_pixels(
         else:
             raise ValueError(f"Unknown sampling strategy {strategy!r}; use instance, image or dense")
 
-    flat = embeddings.permute(0, 2, 3, 1).reshape(b * h * w, d)
     return PixelSamples(
-        flat[images * (h * w) + pixels],
+        embeddings.flatten(2)[images, :, pixels],  # [N, D], gathered without a copy of the whole map
         grid_locations(h, w, stride, device)[pixels],
         image_ids[images],
     )

@@ -19,6 +19,7 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 
 from .adapters import adapter_class, build_adapter
+from .chunked import chunked_sum
 from .config import validate_iuq_config
 from .equivariance import valid_cells
 from .losses import inter_scene_loss
@@ -97,20 +98,21 @@ class IUQTrainer(DefaultTrainer):
     def forward_losses(self, batch):
         """The base model's losses on ``batch`` and its views, plus ``loss_inter`` and
         ``loss_equi``. Returns (loss_dict, this batch's pixel samples for the memory or None)."""
-        equi = self.iuq_on and self.iuq_cfg.EQUI.ENABLED
+        views_on = self.iuq_on and self.iuq_cfg.EQUI.ENABLED
+        equi = views_on and self.iuq_cfg.EQUI.MODE != "augment"  # "augment": views as plain augmentation
         inter = self.iuq_on and self.iuq_cfg.INTER.ENABLED
         num_originals, samples = len(batch), None
         if self.iuq_on:
             require_masks(batch)
-        if equi:  # originals, then one transformed view of each
+        if views_on:  # originals, then one transformed view of each
             batch, views = add_views(batch, self.adapter.stride, self.iuq_cfg.EQUI, self.pixel_mean, self.view_rng)
-        image_ids = torch.tensor([dataset_image_id(d) for d in batch], device=self.memory.device)
 
-        with self.adapter.capture() if self.iuq_on else nullcontext() as captured:
+        with self.adapter.capture() if inter or equi else nullcontext() as captured:
             loss_dict = self.model(batch)  # the base model's own losses (originals and views)
         if inter:
+            image_ids = torch.tensor([dataset_image_id(d) for d in batch], device=self.memory.device)
             loss_dict["loss_inter"], samples = self.inter_loss(captured, batch, num_originals, image_ids)
-        if equi and self.iuq_cfg.EQUI.MODE != "augment":  # "augment": views as plain augmentation
+        if equi:
             loss_dict["loss_equi"] = self.equi_loss(captured, views, num_originals)
         return loss_dict, samples
 
@@ -144,31 +146,57 @@ class IUQTrainer(DefaultTrainer):
 
     def equi_loss(self, cap, views, num_originals):
         """Eq. 8: the view's queries on g(F) of the original must give the view's ground truth
-        (mode "full"); or, mode "feature", the view's embeddings must equal g(F)."""
-        emb, s = cap.embeddings, cap.stride
-        g_emb = [torch.zeros_like(emb[0])] * num_originals
-        for v in views:
-            hc, wc = valid_cells(v.g.in_size, s)
-            moved = v.g.apply_features(emb[v.source, :, :hc, :wc])
-            g_emb.append(F.pad(moved, (0, emb.shape[-1] - moved.shape[-1], 0, emb.shape[-2] - moved.shape[-2])))
-        g_emb = torch.stack(g_emb)
-        weight = self.iuq_cfg.EQUI.WEIGHT
+        (mode "full"); or, mode "feature", the view's embeddings must equal g(F).
+
+        Each view is decoded on its own valid region only (the rest of the padded batch map is
+        outside every dice term, and neither decode reads past the region for the cells in it:
+        CondInst's x2 upsampling of cell j only looks at cell j + 1 for outputs past 2j + 1), in
+        chunks of ``EQUI_QUERY_CHUNK`` queries, each differentiated as soon as it is computed
+        (``chunked_sum``): the loss holds no per-query map for backward.
+        ``tests/test_integration_adelaidet.py`` checks it against the whole-map computation.
+        """
+        emb, weight = cap.embeddings, self.iuq_cfg.EQUI.WEIGHT
         if self.iuq_cfg.EQUI.MODE == "feature":
             diffs = []
             for k, v in enumerate(views):
-                hc, wc = valid_cells(v.g.out_size, s)
-                diffs.append((emb[num_originals + k, :, :hc, :wc] - g_emb[num_originals + k, :, :hc, :wc]).pow(2).mean())
+                moved = moved_features(emb, v, cap.stride)  # on the view's valid cells
+                diffs.append((emb[num_originals + k, :, : moved.shape[1], : moved.shape[2]] - moved).pow(2).mean())
             return torch.stack(diffs).mean() * weight
         is_view = cap.query_images >= num_originals
         queries, images, meta, targets = cap.select_queries(is_view)
         if len(queries) == 0:
-            return g_emb.sum() * 0.0
-        logits = self.adapter.decode_map(queries, meta, images, g_emb)
-        valid = torch.zeros_like(logits, dtype=torch.bool)
+            return emb.sum() * 0.0
+        adapter, total = self.adapter, 0.0
         for k, v in enumerate(views):
+            mine = (images == num_originals + k).nonzero(as_tuple=True)[0]
+            if len(mine) == 0:
+                continue
+            moved = moved_features(emb, v, cap.stride)
             hm, wm = valid_cells(v.g.out_size, cap.mask_stride)
-            valid[images == num_originals + k, :hm, :wm] = True
-        return self.adapter.mask_loss(logits, targets, valid) * weight
+            chunks = mine.split(EQUI_QUERY_CHUNK)
+
+            def dice_sum(i, view_queries, view_features, chunks=chunks, hm=hm, wm=wm):
+                idx = chunks[i]
+                logits = adapter.decode_map(
+                    view_queries[idx], {key: m[idx] for key, m in meta.items()},
+                    torch.zeros_like(idx), view_features[None],
+                )[:, :hm, :wm]
+                return adapter.mask_loss(logits, targets[idx, :hm, :wm]) * len(idx)
+
+            total = total + chunked_sum(dice_sum, len(chunks), queries, moved)
+        return total / len(queries) * weight
+
+
+# Queries of a view decoded at once by the equivariance loss: bounds its transient memory (CondInst:
+# ~10 maps of the view's size per query) while keeping the per-chunk overhead small.
+EQUI_QUERY_CHUNK = 32
+
+
+def moved_features(emb, view, stride):
+    """g(F): the view's transform applied to its original's embeddings, [D, h', w'] on the view's
+    valid cells (the original's valid cells are sliced out of the padded batch map first)."""
+    hc, wc = valid_cells(view.g.in_size, stride)
+    return view.g.apply_features(emb[view.source, :, :hc, :wc])
 
 
 @contextmanager

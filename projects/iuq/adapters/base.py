@@ -35,24 +35,30 @@ class Captured:
                   proposals the mask loss trains; SOLOv2: kernels at positive grid cells).
     query_images: [Q] int64 batch index of each query's image.
     query_meta:   dict of [Q, ...] tensors the decode needs (CondInst: locations, FPN levels).
-    targets:      [Q, Hm, Wm] each query's matched ground-truth mask on the mask-loss grid of the
-                  padded batch (the base model's own assignment).
+    gt_masks:     [N, Hm, Wm] ground-truth masks on the mask-loss grid of the padded batch, as the
+                  model holds them (any dtype), and
+    gt_index:     [Q] int64 the row of ``gt_masks`` each query is matched to (the base model's own
+                  assignment). Kept apart so that no [Q, Hm, Wm] copy is made for queries whose
+                  target IUQ never reads (only the views' queries need one).
     embeddings:   [B, D, Hf, Wf] pixel-embedding map of the padded batch.
-    stride:       input pixels per embedding cell; ``mask_stride`` likewise for targets.
+    stride:       input pixels per embedding cell; ``mask_stride`` likewise for the masks.
     """
 
     queries: torch.Tensor = None
     query_images: torch.Tensor = None
     query_meta: dict = field(default_factory=dict)
-    targets: torch.Tensor = None
+    gt_masks: torch.Tensor = None
+    gt_index: torch.Tensor = None
     embeddings: torch.Tensor = None
     stride: int = None
     mask_stride: int = None
 
     def select_queries(self, keep):
-        """(queries, query_images, query_meta, targets) of the queries where ``keep`` is True."""
+        """(queries, query_images, query_meta, targets [q, Hm, Wm] in the queries' dtype) of the
+        queries where ``keep`` is True."""
         meta = {k: v[keep] for k, v in self.query_meta.items()}
-        return self.queries[keep], self.query_images[keep], meta, self.targets[keep]
+        targets = self.gt_masks[self.gt_index[keep]].to(self.queries.dtype)
+        return self.queries[keep], self.query_images[keep], meta, targets
 
 
 class IUQAdapter:
@@ -80,7 +86,9 @@ class IUQAdapter:
 
     def decode_samples(self, queries, query_meta, embeddings, locations):
         """Logits [Q, C] of the queries on arbitrary pixel samples: embeddings [C, D], their
-        (x, y) locations [C, 2] in their own image's input pixels."""
+        (x, y) locations [C, 2] in their own image's input pixels. Adapters may set it to a
+        :class:`~iuq.losses.SampleDecode`, whose query-side work the inter-scene loss then does
+        once instead of once per chunk of samples."""
         raise NotImplementedError
 
     def decode_map(self, queries, query_meta, query_images, embeddings):
@@ -88,9 +96,9 @@ class IUQAdapter:
         [B, D, Hf, Wf], on the grid the model's mask loss uses."""
         raise NotImplementedError
 
-    def mask_loss(self, logits, targets, valid):
-        """The base model's own mask loss of ``logits`` [Q, Hm, Wm] against ``targets``, counting
-        only cells where ``valid`` [Q, Hm, Wm] is True."""
+    def mask_loss(self, logits, targets):
+        """The base model's own mask loss of ``logits`` [Q, Hm, Wm] against ``targets`` [Q, Hm, Wm]
+        (every cell counts: callers pass the valid region only), averaged over the queries."""
         raise NotImplementedError
 
 

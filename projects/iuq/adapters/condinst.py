@@ -13,6 +13,7 @@ import torch
 from adet.modeling.condinst.dynamic_mask_head import dice_coefficient, parse_dynamic_params
 from detectron2.structures import Instances
 
+from ..losses import SampleDecode
 from .base import IUQ_ADAPTER_REGISTRY, IUQAdapter
 
 
@@ -46,13 +47,55 @@ class _DynamicMLP(torch.autograd.Function):
         g, layer_grads = grad[:, None], []  # g: d loss / d x_k, [Q, out, C]
         for w, x in zip(reversed(weights), reversed(hidden)):
             layer_grads = [g @ x.transpose(1, 2), g.sum(dim=2, keepdim=True)] + layer_grads
-            g = torch.ops.aten.threshold_backward(torch.bmm(w.transpose(1, 2), g), x, 0)  # ReLU'
+            g = torch.bmm(w.transpose(1, 2), g)
+            torch.ops.aten.threshold_backward.grad_input(g, x, 0, grad_input=g)  # ReLU', in place: no new [Q, H, C]
         q, h, k = w0.shape
         g = g.reshape(q * h, -1)
-        # (S^T g^T)^T: MKL is ~2x faster with the thin samples matrix on the left.
-        grad_w0 = (samples.t().contiguous() @ g.t()).t().reshape(q, h, k) if ctx.needs_input_grad[0] else None
+        grad_w0 = (g @ samples).reshape(q, h, k) if ctx.needs_input_grad[0] else None
         grad_samples = g.t() @ w0.reshape(q * h, k) if ctx.needs_input_grad[1] else None
         return (grad_w0, grad_samples, *layer_grads)
+
+
+class DynamicHeadDecode(SampleDecode):
+    """CondInst's dynamic MLP on each (query, sample) pair, the sample's relative coordinates taken
+    against the query's location and size of interest, exactly as for its own image.
+
+    ``prepare`` (once per loss) reads the head's weights with its own ``parse_dynamic_params`` and
+    puts the first layer in linear form, ``W0 [(loc_q - L_m) / soi_q ; e_m] + b_q = A_q [L_m ; e_m ;
+    1]``; ``apply`` (once per chunk of samples) is then one GEMM against the shared [C, 2 + D + 1]
+    sample matrix, so no [Q, C, 2 + D] input is built (the head's own grouped-conv path would), and
+    the later layers add their bias inside the batched matmul (``baddbmm``).
+    ``tests/test_integration_adelaidet.py`` checks it against the head's
+    ``mask_heads_forward_with_coords`` on a real embedding map.
+    """
+
+    def __init__(self, head):
+        self.head = head
+
+    def prepare(self, queries, query_meta):
+        """(A [Q, H, K], then w_k [Q, out, in] and b_k [Q, out, 1] per later layer)."""
+        head, q = self.head, queries.shape[0]
+        weights, biases = parse_dynamic_params(queries, head.channels, head.weight_nums, head.bias_nums)
+        w0 = weights[0].reshape(q, head.channels, -1)  # [Q, 8, (2 +) D]
+        bias = biases[0].reshape(q, -1)
+        if not head.disable_rel_coords:
+            soi = head.sizes_of_interest.float()[query_meta["fpn_levels"]].to(queries.dtype)[:, None, None]
+            w_xy = w0[:, :, :2] / soi
+            bias = bias + (w_xy @ query_meta["locations"].to(queries.dtype)[:, :, None])[..., 0]
+            w0 = torch.cat([-w_xy, w0[:, :, 2:]], dim=2)
+        # The bias as a last column against a column of ones: the whole first layer is one GEMM.
+        layers = [torch.cat([w0, bias[:, :, None]], dim=2)]
+        for w, b in zip(weights[1:], biases[1:]):  # w: [Q * out, in, 1, 1], b: [Q * out]
+            b = b.reshape(q, -1, 1)
+            layers += [w.reshape(q, b.shape[1], -1), b]
+        return tuple(t.contiguous() for t in layers)  # slices of the queries: copied once, not per chunk
+
+    def apply(self, prepared, embeddings, locations):
+        w0 = prepared[0]
+        columns = [embeddings.to(w0.dtype), w0.new_ones(embeddings.shape[0], 1)]
+        if not self.head.disable_rel_coords:
+            columns.insert(0, locations.to(w0.device, w0.dtype))
+        return _DynamicMLP.apply(w0, torch.cat(columns, dim=1), *prepared[1:])
 
 
 @IUQ_ADAPTER_REGISTRY.register()
@@ -80,7 +123,8 @@ class CondInst(IUQAdapter):
                 }
                 h, w = (mask_feats.shape[-2] * self.stride // head.mask_out_stride,
                         mask_feats.shape[-1] * self.stride // head.mask_out_stride)
-                cap.targets = mask_feats.new_zeros(0, h, w)
+                cap.gt_masks = mask_feats.new_zeros(0, h, w)
+                cap.gt_index = cap.query_images
                 self._gt_instances = gt_instances
             recording[0] = cap is not None
             try:
@@ -91,49 +135,16 @@ class CondInst(IUQAdapter):
         def wrapped_with_coords(mask_feats, mask_feat_stride, instances):
             if recording[0]:
                 cap = self.captured
-                gt = torch.cat([g.gt_bitmasks for g in self._gt_instances])
                 cap.queries = instances.mask_head_params
                 cap.query_images = instances.im_inds
                 cap.query_meta = {"locations": instances.locations, "fpn_levels": instances.fpn_levels}
-                cap.targets = gt[instances.gt_inds].to(mask_feats.dtype)
+                cap.gt_masks = torch.cat([g.gt_bitmasks for g in self._gt_instances])
+                cap.gt_index = instances.gt_inds
             return self._with_coords(mask_feats, mask_feat_stride, instances)
 
         model._forward_mask_heads_train = wrapped_forward_mask_heads_train
         head.mask_heads_forward_with_coords = wrapped_with_coords
-
-    def _sizes_of_interest(self, query_meta):
-        return self.head.sizes_of_interest.float()[query_meta["fpn_levels"]]
-
-    def decode_samples(self, queries, query_meta, embeddings, locations):
-        """The dynamic MLP on each (query, sample) pair, the sample's relative coordinates taken
-        against the query's location and size of interest, exactly as for its own image.
-
-        The head's weights come from its own ``parse_dynamic_params``. The first layer is applied
-        in its linear form, ``W0 [(loc_q - L_m) / soi_q ; e_m] + b_q = A_q [L_m ; e_m ; 1]``: one
-        GEMM against the shared [C, 2 + D + 1] sample matrix, so no [Q, C, 2 + D] input is built
-        (the head's own grouped-conv path would); the later layers add their bias inside the
-        batched matmul (``baddbmm``). ``tests/test_integration_adelaidet.py`` checks it
-        against the head's ``mask_heads_forward_with_coords`` on a real embedding map.
-        """
-        head, q, c = self.head, queries.shape[0], embeddings.shape[0]
-        weights, biases = parse_dynamic_params(queries, head.channels, head.weight_nums, head.bias_nums)
-        w0 = weights[0].reshape(q, head.channels, -1)  # [Q, 8, (2 +) D]
-        bias = biases[0].reshape(q, -1)
-        columns = [embeddings.to(queries.dtype)]
-        if not head.disable_rel_coords:
-            soi = self._sizes_of_interest(query_meta).to(queries.dtype)[:, None, None]
-            w_xy = w0[:, :, :2] / soi
-            bias = bias + (w_xy @ query_meta["locations"].to(queries.dtype)[:, :, None])[..., 0]
-            w0 = torch.cat([-w_xy, w0[:, :, 2:]], dim=2)
-            columns.insert(0, locations.to(queries.device, queries.dtype))
-        # The bias as a last column against a column of ones: the whole first layer is one GEMM.
-        w0 = torch.cat([w0, bias[:, :, None]], dim=2)
-        samples = torch.cat(columns + [queries.new_ones(c, 1)], dim=1)
-        layers = []
-        for w, b in zip(weights[1:], biases[1:]):  # w: [Q * out, in, 1, 1], b: [Q * out]
-            b = b.reshape(q, -1, 1)
-            layers += [w.reshape(q, b.shape[1], -1), b]
-        return _DynamicMLP.apply(w0, samples, *layers)
+        self.decode_samples = DynamicHeadDecode(head)
 
     def decode_map(self, queries, query_meta, query_images, embeddings):
         inst = Instances((0, 0))
@@ -143,6 +154,5 @@ class CondInst(IUQAdapter):
         inst.fpn_levels = query_meta["fpn_levels"]
         return self._with_coords(embeddings, self.stride, inst)[:, 0]  # [Q, H/4, W/4] (x2 upsampled)
 
-    def mask_loss(self, logits, targets, valid):
-        valid = valid.to(logits.dtype)
-        return dice_coefficient(logits.sigmoid() * valid, targets * valid).mean()
+    def mask_loss(self, logits, targets):
+        return dice_coefficient(logits.sigmoid(), targets).mean()

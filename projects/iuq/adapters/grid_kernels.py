@@ -52,10 +52,11 @@ class GridKernelAdapter(IUQAdapter):
         cap.queries = torch.cat(queries)
         cap.query_images = torch.cat(images)
         cap.query_meta = {}
-        cap.targets = torch.cat(masks).to(ins_pred.dtype)
+        cap.gt_masks = torch.cat(masks)  # SOLOv2 already holds one mask per positive cell
+        cap.gt_index = torch.arange(len(cap.gt_masks), device=cap.gt_masks.device)
         cap.embeddings, cap.stride, cap.mask_stride = ins_pred, self.stride, self.stride
 
-    decode_samples = staticmethod(dot_product_decode)  # the loss's fused dot-product path
+    decode_samples = dot_product_decode  # a SampleDecode: the inter-scene loss runs it chunk by chunk
 
     def decode_map(self, queries, query_meta, query_images, embeddings):
         b, e, h, w = embeddings.shape
@@ -65,6 +66,5 @@ class GridKernelAdapter(IUQAdapter):
             logits = logits.index_copy(0, idx, (queries[idx] @ embeddings[i].reshape(e, h * w)).reshape(-1, h, w))
         return logits
 
-    def mask_loss(self, logits, targets, valid):
-        valid = valid.to(logits.dtype)
-        return self.dice_loss(logits.sigmoid() * valid, targets * valid).mean()
+    def mask_loss(self, logits, targets):
+        return self.dice_loss(logits.sigmoid(), targets).mean()

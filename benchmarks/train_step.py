@@ -3,48 +3,99 @@
 initialisation, the paper's per-GPU load (2 images per step, short side 800, long side <= 1333,
 images from coco_2017_train), at equal images per step.
 
-    DETECTRON2_DATASETS=../shared/datasets python benchmarks/train_step.py
-    python benchmarks/train_step.py --models CondInst --memory 100000 --rounds 3 --device cuda
+    python benchmarks/train_step.py                      # both models, 10K / 100K / 1M, CPU
+    python benchmarks/train_step.py --models CondInst --memory 100000 --batches 5 --device cuda
 
 Modes (every one feeds 2 images + 1 transformed copy of each = 4 images per step, so the
 equivariant views count as images of the step as augmented copies do for the baseline):
   baseline   IUQ's losses off, the copies are plain augmentation (EQUI.MODE augment)
-  inter      + loss_inter against a memory of M samples (filled to capacity before timing)
+  inter      + loss_inter against a memory of M samples (full: steady state)
   equi       + loss_equi (EQUI.MODE full)
   both       + both
-Each (model, mode, M) runs in its own subprocess (so its peak is its own), and the
-combinations are interleaved round by round so drift cancels. Every run sees the same images in
-the same order and draws the same views (all RNGs seeded), so modes differ only in IUQ's work.
-Reported: median seconds per image over rounds and steps, its ratio to the baseline's, the peak
-memory ratio (process peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU), and, to
-explain the ratios, the seconds per image spent inside IUQ's own loss calls (``inter_loss``, which
-also forms its gradients, and ``equi_loss``'s forward) and the queries per step.
+
+How drift and noise are kept out of the ratios. One process per model builds one trainer; for each
+batch it runs a training step in every mode (and memory size) back to back, in an order rotated
+from batch to batch, each on a copy of the same batch with the same views and the same random
+draws, after one untimed step on that batch (the first step on new image sizes is slower,
+whatever its mode). So every mode sees the same images, and the modes of one batch are timed
+minutes apart, not an hour. The time ratio of a mode is its total over all timed batches / the
+baseline's.
+
+Peak memory. GPU: ``torch.cuda.max_memory_allocated`` of one step, reset before it. CPU: the
+process's peak RSS during one step (VmHWM, reset through /proc/self/clear_refs), with glibc told
+to hand every freed block of 64 KiB or more straight back (mallopt), so that RSS follows the
+live tensors rather than what the allocator happens to keep cached; only the memory bank of the
+run being measured exists then. Peaks are taken on the timed batch with the most pixels (where a
+training run peaks), after the timing, so they do not slow it.
+
+Also printed, to explain the ratios: seconds per image spent inside IUQ's own loss calls
+(``inter_loss``, which also forms its gradients, and ``equi_loss``'s forward) and the queries
+per step (mean).
 """
 import argparse
+import copy
+import ctypes
+import gc
 import json
 import os
-import resource
-import statistics
+import random
 import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"CondInst": "configs/IUQ/CondInst/MS_R_50_1x.yaml", "SOLOv2": "configs/IUQ/SOLOv2/R50_1x.yaml"}
-MODES = {
-    "baseline": ["MODEL.IUQ.INTER.ENABLED", "False", "MODEL.IUQ.EQUI.MODE", "augment"],
-    "inter": ["MODEL.IUQ.INTER.ENABLED", "True", "MODEL.IUQ.EQUI.MODE", "augment"],
-    "equi": ["MODEL.IUQ.INTER.ENABLED", "False", "MODEL.IUQ.EQUI.MODE", "full"],
-    "both": ["MODEL.IUQ.INTER.ENABLED", "True", "MODEL.IUQ.EQUI.MODE", "full"],
+MODES = {  # (INTER.ENABLED, EQUI.MODE)
+    "baseline": (False, "augment"),
+    "inter": (True, "augment"),
+    "equi": (False, "full"),
+    "both": (True, "full"),
 }
+IMAGES_PER_STEP = 4
 
 
-def child(model, mode, memory, args):
+class Peak:
+    """Peak memory of a block of code: CUDA allocator peak, or the process's RSS high-water mark."""
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+        if not cuda:  # RSS follows live tensors: no cached blocks (glibc; elsewhere RSS as it is)
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD, fixed
+                self.trim = lambda: libc.malloc_trim(0)
+            except OSError:
+                self.trim = lambda: None
+
+    def reset(self):
+        import torch
+
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        self.trim()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+
+    def read(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def child(model, args):
     import torch
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.events import EventStorage
 
     from iuq.config import get_iuq_cfg
+    from iuq.memory import PixelMemory
     from iuq.models import register_base_models
     from iuq.samples import PixelSamples
     from iuq.trainer import IUQTrainer
@@ -52,17 +103,18 @@ def child(model, mode, memory, args):
     register_base_models()
     cfg = get_iuq_cfg()
     cfg.merge_from_file(os.path.join(REPO, CONFIGS[model]))
-    cfg.merge_from_list(MODES[mode] + [
+    cfg.merge_from_list([
         "MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "SEED", "1",
         "INPUT.MIN_SIZE_TRAIN", f"({args.min_size},)", "INPUT.MAX_SIZE_TRAIN", str(args.max_size),
         "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "SOLVER.BASE_LR", "0.001",
-        "MODEL.IUQ.MEMORY.SIZE", str(max(memory, 1)), "OUTPUT_DIR", "/tmp/iuq_bench",
+        "MODEL.IUQ.MEMORY.SIZE", "1000", "OUTPUT_DIR", "/tmp/iuq_bench",
     ])
-    seed_all_rng(1)  # the data loader's order and flips: the same images for every mode
+    seed_all_rng(1)  # the data loader's order and flips
     trainer = IUQTrainer(cfg)
     cuda = args.device.startswith("cuda")
-    times, iuq_times, queries = [], [], []
-    in_iuq = [0.0]
+    iuq = trainer.iuq_cfg
+    runs = [(mode, size) for mode in args.modes for size in (args.memory if MODES[mode][0] else [0])]
+    in_iuq, queries = [0.0], []
 
     def timed(method):  # seconds spent inside one of the trainer's IUQ loss calls
         def call(cap, *a):
@@ -79,30 +131,70 @@ def child(model, mode, memory, args):
         return call
 
     trainer.inter_loss, trainer.equi_loss = timed(trainer.inter_loss), timed(trainer.equi_loss)
+
+    def full_memory(size, dim):
+        mem = PixelMemory(size, dim=dim, dtype=getattr(torch, iuq.MEMORY.DTYPE), device=cfg.MODEL.DEVICE)
+        while len(mem) < size:  # random samples of other images, in parts: no big temporary
+            n = min(size - len(mem), 100_000)
+            mem.enqueue(PixelSamples(torch.randn(n, dim, device=mem.device), torch.rand(n, 2, device=mem.device) * 800,
+                                     torch.randint(10**9, 2 * 10**9, (n,), device=mem.device)), gather=False)
+        return mem
+
+    def step(run, batch, seed):
+        """One training step of ``run`` on a copy of ``batch``; returns (seconds, IUQ seconds)."""
+        mode, size = run
+        iuq.INTER.ENABLED, iuq.EQUI.MODE = MODES[mode]
+        trainer.memory = memories[size] if size else no_memory
+        trainer._trainer._data_loader_iter_obj = iter([copy.deepcopy(batch)])
+        trainer.view_rng = random.Random(seed)  # the same views in every mode
+        torch.manual_seed(seed)  # the same sampled pixels and proposals
+        in_iuq[0] = 0.0
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        trainer.run_step()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, in_iuq[0]
+
+    loader = trainer._trainer._data_loader_iter
+    batches = [next(loader) for _ in range(1 + args.batches)]  # a warm-up batch, then the timed ones
+    results = {f"{m},{s}": {"seconds": [], "iuq_seconds": [], "queries": []} for m, s in runs}
+    no_memory = PixelMemory(0)
     with EventStorage(0):
-        for it in range(args.warmup + args.steps):
-            trainer.iter = it
-            if it == args.warmup:  # steady state: a full memory
-                mem = trainer.memory
-                while mode in ("inter", "both") and mem.dim and len(mem) < mem.capacity:
-                    n, dev = min(mem.capacity - len(mem), 100_000), mem.device  # in parts: no big temporary
-                    mem.enqueue(PixelSamples(
-                        torch.randn(n, mem.dim, device=dev), torch.rand(n, 2, device=dev) * 800,
-                        torch.randint(10**9, 2 * 10**9, (n,), device=dev)), gather=False)
-                if cuda:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-            in_iuq[0] = 0.0
-            start = time.perf_counter()
-            trainer.run_step()
-            if cuda:
-                torch.cuda.synchronize()
-            if it >= args.warmup:
-                times.append(time.perf_counter() - start)
-                iuq_times.append(in_iuq[0])
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds_per_image": [t / 4 for t in times], "iuq_seconds_per_image": [t / 4 for t in iuq_times],
-            "queries": queries[args.warmup:], "peak_bytes": peak}
+        memories = {1000: PixelMemory(1000)}
+        step(("both", 1000), batches[0], 0)  # warm-up; sets the embedding dim of the memory
+        dim = memories[1000].dim
+        memories = {size: full_memory(size, dim) for size in args.memory}
+        for b, batch in enumerate(batches[1:], start=1):
+            # Untimed first: whichever run meets new image sizes first pays for growing the
+            # process's memory and the kernels' caches for them; the timed runs then do not.
+            step(runs[-1], batch, seed=b)
+            rotation = runs[b % len(runs):] + runs[: b % len(runs)]
+            for run in rotation:
+                trainer.iter = b
+                queries.clear()
+                seconds, iuq_seconds = step(run, batch, seed=b)
+                r = results[f"{run[0]},{run[1]}"]
+                r["seconds"].append(seconds)
+                r["iuq_seconds"].append(iuq_seconds)
+                r["queries"] += queries
+                print(f"batch {b} {run}: {seconds:.2f} s, IUQ {iuq_seconds:.2f} s", file=sys.stderr, flush=True)
+
+        # Peaks, on the timed batch with the most pixels; only the measured run's memory exists.
+        pixels = [sum(d["image"].shape[-2] * d["image"].shape[-1] for d in batch) for batch in batches[1:]]
+        b = 1 + max(range(len(pixels)), key=pixels.__getitem__)
+        memories.clear()
+        peak = Peak(cuda)
+        for run in runs:
+            if run[1]:
+                memories = {run[1]: full_memory(run[1], dim)}
+            peak.reset()
+            step(run, batches[b], seed=b)
+            results[f"{run[0]},{run[1]}"]["peak_bytes"] = peak.read()
+            memories.clear()
+            print(f"peak {run}: {results[f'{run[0]},{run[1]}']['peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    return results
 
 
 def main():
@@ -111,56 +203,45 @@ def main():
     p.add_argument("--memory", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--steps", type=int, default=2, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batches", type=int, default=3, help="timed batches (each run in every mode)")
     p.add_argument("--min-size", type=int, default=800)
     p.add_argument("--max-size", type=int, default=1333)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if "baseline" not in args.modes:
+        p.error("--modes must include baseline: every ratio is to it")
     shared = os.path.join(os.path.dirname(REPO), "shared", "datasets")
     if "DETECTRON2_DATASETS" not in os.environ and os.path.isdir(shared):
         os.environ["DETECTRON2_DATASETS"] = shared  # this project's copy of real COCO images
     if args.child:
-        model, mode, memory = args.child.split(",")
-        print(json.dumps(child(model, mode, int(memory), args)))
+        print(json.dumps(child(args.child, args)))
         return
 
-    runs = [(m, mode, size) for m in args.models for mode in args.modes
-            for size in (args.memory if mode in ("inter", "both") else [0])]
-    results = {r: {"t": [], "iuq": [], "q": [], "peak": []} for r in runs}
-    for rnd in range(args.rounds):
-        for run in runs:
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", ",".join(map(str, run))]
-            cmd += ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                    "--min-size", str(args.min_size), "--max-size", str(args.max_size)]
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-            if out.returncode:
-                sys.exit(f"{run} failed:\n{out.stderr[-3000:]}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            results[run]["t"] += r["seconds_per_image"]
-            results[run]["iuq"] += r["iuq_seconds_per_image"]
-            results[run]["q"] += r["queries"]
-            results[run]["peak"].append(r["peak_bytes"])
-            print(f"round {rnd} {run}: {statistics.median(r['seconds_per_image']):.3f} s/image, "
-                  f"peak {r['peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
-
     unit = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
+    rows = []
+    for model in args.models:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", model, "--device", args.device,
+               "--batches", str(args.batches), "--min-size", str(args.min_size), "--max-size", str(args.max_size),
+               "--memory", *map(str, args.memory), "--modes", *args.modes]
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)  # its progress goes to stderr
+        if out.returncode:
+            sys.exit(f"{model} failed (exit {out.returncode})")
+        results = json.loads(out.stdout.strip().splitlines()[-1])
+        base = results["baseline,0"]
+        for key, r in results.items():
+            mode, size = key.split(",")
+            t = sum(r["seconds"]) / (len(r["seconds"]) * IMAGES_PER_STEP)
+            tb = sum(base["seconds"]) / (len(base["seconds"]) * IMAGES_PER_STEP)
+            iuq = sum(r["iuq_seconds"]) / (len(r["iuq_seconds"]) * IMAGES_PER_STEP)
+            q = f"{sum(r['queries']) / len(r['queries']):7.0f}" if r["queries"] else f"{'-':>7}"
+            size = f"{int(size) // 1000}K" if int(size) else "-"
+            rows.append(f"{model:9} {mode:9} {size:>8} | {t:8.3f} {t / tb:7.3f} | {r['peak_bytes'] / 2**30:8.2f} "
+                        f"{r['peak_bytes'] / base['peak_bytes']:7.3f} | {iuq:8.3f} {q}")
     print(f"\nIUQ training-step cost, device={args.device}, {args.min_size}x<={args.max_size}, "
-          f"4 images/step, {args.rounds} rounds x {args.steps} steps; peak = {unit}")
+          f"{IMAGES_PER_STEP} images/step, {args.batches} batches x every mode; peak = {unit}")
     print(f"{'model':9} {'mode':9} {'memory':>8} | {'s/image':>8} {'time x':>7} | {'peak GiB':>8} {'peak x':>7}"
           f" | {'IUQ s/im':>8} {'queries':>7}")
-    for model in args.models:
-        base = results[(model, "baseline", 0)] if "baseline" in args.modes else None
-        for run in [r for r in runs if r[0] == model]:
-            t, peak = statistics.median(results[run]["t"]), max(results[run]["peak"])
-            tx = t / statistics.median(base["t"]) if base else float("nan")
-            px = peak / max(base["peak"]) if base else float("nan")
-            size = f"{run[2] // 1000}K" if run[2] else "-"
-            iuq = statistics.median(results[run]["iuq"])
-            q = f"{statistics.median(results[run]['q']):7.0f}" if results[run]["q"] else f"{'-':>7}"
-            print(f"{model:9} {run[1]:9} {size:>8} | {t:8.3f} {tx:7.3f} | {peak / 2**30:8.2f} {px:7.3f}"
-                  f" | {iuq:8.3f} {q}")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

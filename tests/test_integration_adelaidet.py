@@ -185,3 +185,26 @@ def test_equivariance_loss_equals_the_straightforward_computation(name, tmp_path
     for a, b in zip(g_ours, g_ref):
         assert b.abs().sum() > 0
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_solov2_iuq_losses_leave_levels_without_positives_out_of_the_graph(tmp_path):
+    """SOLOv2's own loss skips FPN levels where an image has no positive cell; IUQ's queries must
+    too, or backward runs the whole kernel branch of that level on zero gradients."""
+    trainer = IUQTrainer(small_cfg("SOLOv2", "OUTPUT_DIR", str(tmp_path)))
+    seen = {}
+    loss = trainer.adapter.model.loss
+
+    def spy(cate_preds, kernel_preds, ins_pred, targets):
+        seen.update(kernel_preds=kernel_preds, grid_order_list=targets[3])
+        return loss(cate_preds, kernel_preds, ins_pred, targets)
+
+    trainer.adapter.model.loss = spy  # inside IUQ's wrap: the model's own arguments
+    loss_dict, _ = trainer.forward_losses(next(trainer._trainer._data_loader_iter))
+    orders = seen["grid_order_list"]
+    empty = [lvl for lvl in range(len(seen["kernel_preds"])) if all(len(o[lvl]) == 0 for o in orders)]
+    busy = [lvl for lvl in range(len(seen["kernel_preds"])) if lvl not in empty]
+    assert empty and busy, "the test batch should have levels with and without positives"
+    for key in ("loss_inter", "loss_equi"):
+        grads = torch.autograd.grad(loss_dict[key], seen["kernel_preds"], retain_graph=True, allow_unused=True)
+        assert all(grads[lvl] is None for lvl in empty), key
+        assert all(grads[lvl] is not None and grads[lvl].abs().sum() > 0 for lvl in busy), key

@@ -45,10 +45,19 @@ class GridKernelAdapter(IUQAdapter):
         queries, images, masks = [], [], []
         for level, kernels in enumerate(kernel_preds):  # kernels: [B, E, S, S]
             for i, per_image in enumerate(kernels):
+                if len(grid_order_list[i][level]) == 0:
+                    # Not even an empty selection: it would tie IUQ's losses to this level's kernel
+                    # branch, whose backward then runs on all-zero gradients (the model's own loss
+                    # leaves such a level out of its graph).
+                    continue
                 order = torch.as_tensor(grid_order_list[i][level], dtype=torch.long, device=per_image.device)
                 queries.append(per_image.reshape(per_image.shape[0], -1)[:, order].t())
                 images.append(torch.full((len(order),), i, dtype=torch.long, device=per_image.device))
                 masks.append(ins_label_list[i][level])
+        if not queries:  # no positive cell in the batch
+            e, (h, w) = kernel_preds[0].shape[1], ins_pred.shape[-2:]
+            queries, masks = [ins_pred.new_zeros(0, e)], [ins_pred.new_zeros(0, h, w)]
+            images = [torch.zeros(0, dtype=torch.long, device=ins_pred.device)]
         cap.queries = torch.cat(queries)
         cap.query_images = torch.cat(images)
         cap.query_meta = {}

@@ -208,3 +208,33 @@ def test_solov2_iuq_losses_leave_levels_without_positives_out_of_the_graph(tmp_p
         grads = torch.autograd.grad(loss_dict[key], seen["kernel_preds"], retain_graph=True, allow_unused=True)
         assert all(grads[lvl] is None for lvl in empty), key
         assert all(grads[lvl] is not None and grads[lvl].abs().sum() > 0 for lvl in busy), key
+
+
+def test_condinst_sample_decode_reuses_buffers_only_when_that_is_safe():
+    """The dynamic MLP keeps its [Q, H, C] buffers from one chunk to the next. Two graphs alive at
+    once must still give each its own gradients, and a second backward through a graph whose
+    buffers were taken again must fail, not return wrong numbers."""
+    from detectron2.modeling import build_model
+
+    from iuq.adapters import build_adapter
+
+    cfg = small_cfg("CondInst")
+    adapter = build_adapter(cfg, build_model(cfg).double())
+    decode = adapter.decode_samples
+    torch.manual_seed(0)
+    params = (torch.randn(5, adapter.head.num_gen_params, dtype=torch.float64) * 0.3).requires_grad_()
+    meta = {"locations": torch.rand(5, 2, dtype=torch.float64) * 100, "fpn_levels": torch.randint(0, 5, (5,))}
+    embs = [torch.randn(7, 8, dtype=torch.float64) for _ in range(2)]
+    locs = [torch.rand(7, 2, dtype=torch.float64) * 100 for _ in range(2)]
+
+    def grad_of(k, **kw):
+        return torch.autograd.grad(decode(params, meta, embs[k], locs[k]).sum(), params, **kw)[0]
+
+    expected = [grad_of(0), grad_of(1)]  # one graph at a time
+    first, second = (decode(params, meta, e, loc).sum() for e, loc in zip(embs, locs))  # both alive
+    torch.testing.assert_close(torch.autograd.grad(second, params)[0], expected[1])
+    torch.testing.assert_close(torch.autograd.grad(first, params, retain_graph=True)[0], expected[0])
+    decode(params, meta, embs[1], locs[1]).sum().backward()  # takes the buffers `first` gave back
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        torch.autograd.grad(first, params)
+    decode.release()

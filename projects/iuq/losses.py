@@ -44,6 +44,9 @@ class SampleDecode:
     def apply(self, prepared, embeddings, locations):
         raise NotImplementedError
 
+    def release(self):
+        """Drop whatever ``apply`` kept from one chunk to the next; called once the loss is formed."""
+
     def __call__(self, queries, query_meta, embeddings, locations):
         return self.apply(self.prepare(queries, query_meta), embeddings, locations)
 
@@ -94,10 +97,10 @@ def inter_pointwise_loss_and_grad(logits, loss="focal", alpha=0.1, gamma=2.5):
     p = torch.sigmoid(x)
     if loss == "focal":
         sp = F.softplus(x)
-        p_gamma = p.pow(gamma)
-        value = (p_gamma * sp).mul_(1.0 - alpha)
+        scaled = p.pow(gamma).mul_(1.0 - alpha)  # (1 - alpha) p^g
+        value = scaled * sp
         # d/dx [p^g * softplus(x)] = p^g * (g * (1 - p) * softplus(x) + p), since dp/dx = p (1 - p)
-        slope = sp.mul_(1.0 - p).mul_(gamma).add_(p).mul_(p_gamma).mul_(1.0 - alpha)
+        slope = torch.addcmul(sp, sp, p, value=-1.0).mul_(gamma).add_(p).mul_(scaled)
         return value, slope
     if loss == "ce":
         return F.softplus(x), p
@@ -221,9 +224,12 @@ def inter_scene_loss(
         decode = _PlainDecode(decode, query_meta)
     prepared = tuple(decode.prepare(queries, query_meta))
     flat = [t for b in banks for t in (b.embeddings, b.locations, b.image_ids.to(queries.device))]
-    return _FusedInterLoss.apply(
-        decode.apply, weights, query_image_ids, loss, alpha, gamma, chunk_size, len(prepared), *prepared, *flat
-    )
+    try:
+        return _FusedInterLoss.apply(
+            decode.apply, weights, query_image_ids, loss, alpha, gamma, chunk_size, len(prepared), *prepared, *flat
+        )
+    finally:
+        decode.release()
 
 
 def naive_inter_scene_loss(

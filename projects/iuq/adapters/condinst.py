@@ -17,43 +17,74 @@ from ..losses import SampleDecode
 from .base import IUQ_ADAPTER_REGISTRY, IUQAdapter
 
 
+class _Scratch:
+    """[Q, H, C] buffers passed from one chunk's MLP to the next: taken in forward or backward,
+    given back once read for the last time. A buffer saved for backward is written again only after
+    that backward has run (autograd's version check refuses a second backward through it)."""
+
+    def __init__(self):
+        self._free = []
+
+    def take(self, shape, like):
+        for i, t in enumerate(self._free):
+            if t.shape == shape and t.dtype == like.dtype and t.device == like.device:
+                return self._free.pop(i)
+        return like.new_empty(shape)
+
+    def give(self, *tensors):
+        self._free.extend(tensors)
+
+    def clear(self):
+        self._free.clear()
+
+
 class _DynamicMLP(torch.autograd.Function):
     """Per-query MLP on shared samples: x_1 = W_0 S^T, x_{k+1} = W_k relu(x_k) + b_k -> [Q, C].
 
     w0 [Q, H, K] (first layer in linear form, bias included), samples [C, K], then (w_k
     [Q, out, in], b_k [Q, out, 1]) per later layer, the last with out = 1. The same math as
     autograd's graph of these ops, with the backward written out so the ReLUs run in place and
-    no [Q, H, C] temporary beyond the layer gradients is formed: this is the inner loop of the
-    inter-scene loss (every query against every memory sample), where those temporaries cost more
-    time than the products themselves.
+    the [Q, H, C] tensors live in ``scratch`` buffers reused from chunk to chunk: this is the inner
+    loop of the inter-scene loss (every query against every memory sample), where fresh
+    allocations of those tensors cost more time than the products themselves.
     """
 
     @staticmethod
-    def forward(ctx, w0, samples, *layers):
+    def forward(ctx, scratch, w0, samples, *layers):
         q, h, k = w0.shape
-        x = (w0.reshape(q * h, k) @ samples.t()).reshape(q, h, -1)
-        hidden = []
-        for w, b in zip(layers[0::2], layers[1::2]):
-            hidden.append(x.relu_())  # x is this function's own tensor
-            x = torch.baddbmm(b, w, hidden[-1])
-        ctx.save_for_backward(w0, samples, *layers[0::2], *hidden)
+        c = samples.shape[0]
+        x = scratch.take((q, h, c), w0)
+        torch.mm(w0.reshape(q * h, k), samples.t(), out=x.view(q * h, c))
+        hidden, weights = [], layers[0::2]
+        for i, (w, b) in enumerate(zip(weights, layers[1::2])):
+            hidden.append(x.relu_())
+            last = i == len(weights) - 1
+            x = w0.new_empty((q, w.shape[1], c)) if last else scratch.take((q, w.shape[1], c), w0)
+            torch.baddbmm(b, w, hidden[-1], out=x)
+        ctx.scratch = scratch
+        ctx.save_for_backward(w0, samples, *weights, *hidden)
         return x[:, 0]
 
     @staticmethod
     def backward(ctx, grad):
         w0, samples, *rest = ctx.saved_tensors
-        n = len(rest) // 2
+        n, scratch = len(rest) // 2, ctx.scratch
         weights, hidden = rest[:n], rest[n:]
-        g, layer_grads = grad[:, None], []  # g: d loss / d x_k, [Q, out, C]
-        for w, x in zip(reversed(weights), reversed(hidden)):
-            layer_grads = [g @ x.transpose(1, 2), g.sum(dim=2, keepdim=True)] + layer_grads
-            g = torch.bmm(w.transpose(1, 2), g)
-            torch.ops.aten.threshold_backward.grad_input(g, x, 0, grad_input=g)  # ReLU', in place: no new [Q, H, C]
         q, h, k = w0.shape
-        g = g.reshape(q * h, -1)
-        grad_w0 = (g @ samples).reshape(q, h, k) if ctx.needs_input_grad[0] else None
-        grad_samples = g.t() @ w0.reshape(q * h, k) if ctx.needs_input_grad[1] else None
-        return (grad_w0, grad_samples, *layer_grads)
+        c = samples.shape[0]
+        g, layer_grads = grad[:, None], []  # g: d loss / d x_k, [Q, out, C]
+        for depth, (w, x) in enumerate(zip(reversed(weights), reversed(hidden))):
+            layer_grads = [g @ x.transpose(1, 2), g.sum(dim=2, keepdim=True)] + layer_grads
+            g_in = scratch.take((q, w.shape[2], c), g)
+            torch.bmm(w.transpose(1, 2), g, out=g_in)
+            torch.ops.aten.threshold_backward.grad_input(g_in, x, 0, grad_input=g_in)  # ReLU', in place
+            scratch.give(x, *([g] if depth else []))  # read for the last time (the first g is autograd's)
+            g = g_in
+        g2 = g.reshape(q * h, c)
+        grad_w0 = (g2 @ samples).reshape(q, h, k) if ctx.needs_input_grad[1] else None
+        grad_samples = g2.t() @ w0.reshape(q * h, k) if ctx.needs_input_grad[2] else None
+        scratch.give(g)
+        return (None, grad_w0, grad_samples, *layer_grads)
 
 
 class DynamicHeadDecode(SampleDecode):
@@ -71,6 +102,7 @@ class DynamicHeadDecode(SampleDecode):
 
     def __init__(self, head):
         self.head = head
+        self._scratch = _Scratch()
 
     def prepare(self, queries, query_meta):
         """(A [Q, H, K], then w_k [Q, out, in] and b_k [Q, out, 1] per later layer)."""
@@ -95,7 +127,10 @@ class DynamicHeadDecode(SampleDecode):
         columns = [embeddings.to(w0.dtype), w0.new_ones(embeddings.shape[0], 1)]
         if not self.head.disable_rel_coords:
             columns.insert(0, locations.to(w0.device, w0.dtype))
-        return _DynamicMLP.apply(w0, torch.cat(columns, dim=1), *prepared[1:])
+        return _DynamicMLP.apply(self._scratch, w0, torch.cat(columns, dim=1), *prepared[1:])
+
+    def release(self):
+        self._scratch.clear()
 
 
 @IUQ_ADAPTER_REGISTRY.register()

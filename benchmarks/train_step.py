@@ -14,12 +14,13 @@ equivariant views count as images of the step as augmented copies do for the bas
   both       + both
 
 How drift and noise are kept out of the ratios. One process per model builds one trainer; for each
-batch it runs a training step in every mode (and memory size) back to back, in an order rotated
-from batch to batch, each on a copy of the same batch with the same views and the same random
-draws, after one untimed step on that batch (the first step on new image sizes is slower,
-whatever its mode). So every mode sees the same images, and the modes of one batch are timed
-minutes apart, not an hour. The time ratio of a mode is its total over all timed batches / the
-baseline's.
+batch it runs a training step in every mode (and memory size), each on a copy of the same batch
+with the same views and the same random draws, after one untimed step on that batch (the first
+step on new image sizes is slower, whatever its mode). The timed steps alternate: baseline, a
+mode, baseline, the next mode, ..., baseline (the modes' order rotated from batch to batch), and a
+mode's time ratio is its total over all batches / the total of the means of the baseline steps
+just before and after each of its steps. So every mode sees the same images, and a slow drift of
+the machine's speed (seen here: +-15% within minutes) cancels.
 
 Peak memory. GPU: ``torch.cuda.max_memory_allocated`` of one step, reset before it. CPU: the
 process's peak RSS during one step (VmHWM, reset through /proc/self/clear_refs), with glibc told
@@ -159,8 +160,21 @@ def child(model, args):
 
     loader = trainer._trainer._data_loader_iter
     batches = [next(loader) for _ in range(1 + args.batches)]  # a warm-up batch, then the timed ones
-    results = {f"{m},{s}": {"seconds": [], "iuq_seconds": [], "queries": []} for m, s in runs}
+    results = {f"{m},{s}": {"seconds": [], "reference": [], "iuq_seconds": [], "queries": []} for m, s in runs}
     no_memory = PixelMemory(0)
+    baseline, others = runs[0], runs[1:]
+
+    def timed_step(run, batch, b):
+        trainer.iter = b
+        queries.clear()
+        seconds, iuq_seconds = step(run, batch, seed=b)
+        r = results[f"{run[0]},{run[1]}"]
+        r["seconds"].append(seconds)
+        r["iuq_seconds"].append(iuq_seconds)
+        r["queries"] += queries
+        print(f"batch {b} {run}: {seconds:.2f} s, IUQ {iuq_seconds:.2f} s", file=sys.stderr, flush=True)
+        return seconds
+
     with EventStorage(0):
         memories = {1000: PixelMemory(1000)}
         step(("both", 1000), batches[0], 0)  # warm-up; sets the embedding dim of the memory
@@ -170,16 +184,15 @@ def child(model, args):
             # Untimed first: whichever run meets new image sizes first pays for growing the
             # process's memory and the kernels' caches for them; the timed runs then do not.
             step(runs[-1], batch, seed=b)
-            rotation = runs[b % len(runs):] + runs[: b % len(runs)]
-            for run in rotation:
-                trainer.iter = b
-                queries.clear()
-                seconds, iuq_seconds = step(run, batch, seed=b)
-                r = results[f"{run[0]},{run[1]}"]
-                r["seconds"].append(seconds)
-                r["iuq_seconds"].append(iuq_seconds)
-                r["queries"] += queries
-                print(f"batch {b} {run}: {seconds:.2f} s, IUQ {iuq_seconds:.2f} s", file=sys.stderr, flush=True)
+            # Baseline, mode, baseline, mode, ..., baseline: each mode is compared with the mean
+            # of the baseline steps just before and after it, which cancels the machine's drift.
+            before = timed_step(baseline, batch, b)
+            for run in others[b % len(others):] + others[: b % len(others)]:
+                seconds = timed_step(run, batch, b)
+                after = timed_step(baseline, batch, b)
+                results[f"{run[0]},{run[1]}"]["reference"].append((before + after) / 2)
+                before = after
+        results[f"{baseline[0]},{baseline[1]}"]["reference"] = results[f"{baseline[0]},{baseline[1]}"]["seconds"]
 
         # Peaks, on the timed batch with the most pixels; only the measured run's memory exists.
         pixels = [sum(d["image"].shape[-2] * d["image"].shape[-1] for d in batch) for batch in batches[1:]]
@@ -203,13 +216,13 @@ def main():
     p.add_argument("--memory", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batches", type=int, default=3, help="timed batches (each run in every mode)")
+    p.add_argument("--batches", type=int, default=2, help="timed batches (each run in every mode)")
     p.add_argument("--min-size", type=int, default=800)
     p.add_argument("--max-size", type=int, default=1333)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if "baseline" not in args.modes:
-        p.error("--modes must include baseline: every ratio is to it")
+    if args.modes[0] != "baseline":
+        p.error("--modes must start with baseline: every ratio is to it")
     shared = os.path.join(os.path.dirname(REPO), "shared", "datasets")
     if "DETECTRON2_DATASETS" not in os.environ and os.path.isdir(shared):
         os.environ["DETECTRON2_DATASETS"] = shared  # this project's copy of real COCO images
@@ -231,11 +244,11 @@ def main():
         for key, r in results.items():
             mode, size = key.split(",")
             t = sum(r["seconds"]) / (len(r["seconds"]) * IMAGES_PER_STEP)
-            tb = sum(base["seconds"]) / (len(base["seconds"]) * IMAGES_PER_STEP)
+            ratio = sum(r["seconds"]) / sum(r["reference"])  # vs the baseline steps around it
             iuq = sum(r["iuq_seconds"]) / (len(r["iuq_seconds"]) * IMAGES_PER_STEP)
             q = f"{sum(r['queries']) / len(r['queries']):7.0f}" if r["queries"] else f"{'-':>7}"
             size = f"{int(size) // 1000}K" if int(size) else "-"
-            rows.append(f"{model:9} {mode:9} {size:>8} | {t:8.3f} {t / tb:7.3f} | {r['peak_bytes'] / 2**30:8.2f} "
+            rows.append(f"{model:9} {mode:9} {size:>8} | {t:8.3f} {ratio:7.3f} | {r['peak_bytes'] / 2**30:8.2f} "
                         f"{r['peak_bytes'] / base['peak_bytes']:7.3f} | {iuq:8.3f} {q}")
     print(f"\nIUQ training-step cost, device={args.device}, {args.min_size}x<={args.max_size}, "
           f"{IMAGES_PER_STEP} images/step, {args.batches} batches x every mode; peak = {unit}")

@@ -27,7 +27,8 @@ process's peak RSS during one step (VmHWM, reset through /proc/self/clear_refs),
 to hand every freed block of 64 KiB or more straight back (mallopt), so that RSS follows the
 live tensors rather than what the allocator happens to keep cached; only the memory bank of the
 run being measured exists then. Peaks are taken on the timed batch with the most pixels (where a
-training run peaks), after the timing, so they do not slow it.
+training run peaks), after the timing, so they do not slow it, and after one unmeasured step
+(the heap settles under the new setting); the baseline's is the mean of a first and a last one.
 
 Also printed, to explain the ratios: seconds per image spent inside IUQ's own loss calls
 (``inter_loss``, which also forms its gradients, and ``equi_loss``'s forward) and the queries
@@ -199,14 +200,17 @@ def child(model, args):
         b = 1 + max(range(len(pixels)), key=pixels.__getitem__)
         memories.clear()
         peak = Peak(cuda)
-        for run in runs:
+        step(baseline, batches[b], seed=b)  # unmeasured: the heap settles under the new malloc setting
+        for run in runs + [baseline]:  # the baseline first and last: its peak is the mean of both
             if run[1]:
                 memories = {run[1]: full_memory(run[1], dim)}
             peak.reset()
             step(run, batches[b], seed=b)
-            results[f"{run[0]},{run[1]}"]["peak_bytes"] = peak.read()
+            results[f"{run[0]},{run[1]}"].setdefault("peaks", []).append(peak.read())
             memories.clear()
-            print(f"peak {run}: {results[f'{run[0]},{run[1]}']['peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+            print(f"peak {run}: {peak.read() / 2**30:.3f} GiB", file=sys.stderr, flush=True)
+        for r in results.values():
+            r["peak_bytes"] = sum(r["peaks"]) / len(r["peaks"])
     return results
 
 

@@ -29,6 +29,10 @@ from .views import add_views, instance_bitmasks
 
 logger = logging.getLogger(__name__)
 
+# Queries of a view decoded at once by the equivariance loss: bounds its transient memory (CondInst:
+# ~10 maps of the view's size per query) while keeping the per-chunk overhead small.
+EQUI_QUERY_CHUNK = 32
+
 
 def dataset_image_id(d):
     """The dataset-level image id as int64 (string ids, e.g. file names, are hashed)."""
@@ -185,11 +189,6 @@ class IUQTrainer(DefaultTrainer):
 
             total = total + chunked_sum(dice_sum, len(chunks), queries, moved)
         return total / len(queries) * weight
-
-
-# Queries of a view decoded at once by the equivariance loss: bounds its transient memory (CondInst:
-# ~10 maps of the view's size per query) while keeping the per-chunk overhead small.
-EQUI_QUERY_CHUNK = 32
 
 
 def moved_features(emb, view, stride):

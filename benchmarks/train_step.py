@@ -20,9 +20,10 @@ step on new image sizes is slower, whatever its mode). The timed steps alternate
 mode, baseline, the next mode, ..., baseline (the modes' order rotated from batch to batch), and a
 mode's time ratio is its total over all batches / the total of the means of the baseline steps
 just before and after each of its steps. So every mode sees the same images, and a slow drift of
-the machine's speed (seen here: +-15% within minutes) cancels. ``time x`` is that ratio of wall
-seconds; ``cpu x`` the same of the process's CPU seconds (all threads), which a shared virtual
-machine's stolen time does not inflate (seen here: steps 70% slower for minutes at a time).
+the machine's speed cancels. ``time x`` is that ratio over all of a mode's steps. A shared
+machine can also jump in speed (seen here: the same step 22 s, then 43 s, then 22 s again, in CPU
+seconds as much as in wall seconds), which no interpolation undoes: ``steady x`` is the ratio
+over the steps whose two baseline neighbours agree within ``STABLE`` (k/n: how many).
 
 Peak memory. GPU: ``torch.cuda.max_memory_allocated`` of one step, reset before it. CPU: the
 process's peak RSS during one step (VmHWM, reset through /proc/self/clear_refs), with glibc told
@@ -56,6 +57,7 @@ MODES = {  # (INTER.ENABLED, EQUI.MODE)
     "both": (True, "full"),
 }
 IMAGES_PER_STEP = 4
+STABLE = 0.03  # baseline steps around a mode step that differ by more: the machine changed speed
 
 
 class Peak:
@@ -164,8 +166,7 @@ def child(model, args):
 
     loader = trainer._trainer._data_loader_iter
     batches = [next(loader) for _ in range(1 + args.batches)]  # a warm-up batch, then the timed ones
-    results = {f"{m},{s}": {k: [] for k in ("seconds", "reference", "cpu", "cpu_reference", "iuq_seconds", "queries")}
-               for m, s in runs}
+    results = {f"{m},{s}": {k: [] for k in ("seconds", "around", "iuq_seconds", "queries")} for m, s in runs}
     no_memory = PixelMemory(0)
     baseline, others = runs[0], runs[1:]
 
@@ -175,11 +176,10 @@ def child(model, args):
         seconds, cpu, iuq_seconds = step(run, batch, seed=b)
         r = results[f"{run[0]},{run[1]}"]
         r["seconds"].append(seconds)
-        r["cpu"].append(cpu)
         r["iuq_seconds"].append(iuq_seconds)
         r["queries"] += queries
         print(f"batch {b} {run}: {seconds:.2f} s (CPU {cpu:.2f} s), IUQ {iuq_seconds:.2f} s", file=sys.stderr, flush=True)
-        return seconds, cpu
+        return seconds
 
     with EventStorage(0):
         memories = {1000: PixelMemory(1000)}
@@ -196,11 +196,10 @@ def child(model, args):
             for run in others[b % len(others):] + others[: b % len(others)]:
                 timed_step(run, batch, b)
                 after = timed_step(baseline, batch, b)
-                results[f"{run[0]},{run[1]}"]["reference"].append((before[0] + after[0]) / 2)
-                results[f"{run[0]},{run[1]}"]["cpu_reference"].append((before[1] + after[1]) / 2)
+                results[f"{run[0]},{run[1]}"]["around"].append((before, after))
                 before = after
         r = results[f"{baseline[0]},{baseline[1]}"]
-        r["reference"], r["cpu_reference"] = r["seconds"], r["cpu"]
+        r["around"] = [(t, t) for t in r["seconds"]]
 
         # Peaks, on the timed batch with the most pixels; only the measured run's memory exists.
         pixels = [sum(d["image"].shape[-2] * d["image"].shape[-1] for d in batch) for batch in batches[1:]]
@@ -255,16 +254,18 @@ def main():
         for key, r in results.items():
             mode, size = key.split(",")
             t = sum(r["seconds"]) / (len(r["seconds"]) * IMAGES_PER_STEP)
-            ratio = sum(r["seconds"]) / sum(r["reference"])  # vs the baseline steps around it
-            cpu_ratio = sum(r["cpu"]) / sum(r["cpu_reference"])
+            ratio = sum(r["seconds"]) / sum((a + b) / 2 for a, b in r["around"])  # vs the baselines around it
+            stable = [(t, (a + b) / 2) for t, (a, b) in zip(r["seconds"], r["around"]) if abs(a - b) <= STABLE * min(a, b)]
+            steady = f"{sum(t for t, _ in stable) / sum(ref for _, ref in stable):7.3f}" if stable else f"{'-':>7}"
+            steady += f" {len(stable)}/{len(r['seconds'])}"
             iuq = sum(r["iuq_seconds"]) / (len(r["iuq_seconds"]) * IMAGES_PER_STEP)
             q = f"{sum(r['queries']) / len(r['queries']):7.0f}" if r["queries"] else f"{'-':>7}"
             size = f"{int(size) // 1000}K" if int(size) else "-"
-            rows.append(f"{model:9} {mode:9} {size:>8} | {t:8.3f} {ratio:7.3f} {cpu_ratio:7.3f} | {r['peak_bytes'] / 2**30:8.2f} "
+            rows.append(f"{model:9} {mode:9} {size:>8} | {t:8.3f} {ratio:7.3f} {steady:>11} | {r['peak_bytes'] / 2**30:8.2f} "
                         f"{r['peak_bytes'] / base['peak_bytes']:7.3f} | {iuq:8.3f} {q}")
     print(f"\nIUQ training-step cost, device={args.device}, {args.min_size}x<={args.max_size}, "
           f"{IMAGES_PER_STEP} images/step, {args.batches} batches x every mode; peak = {unit}")
-    print(f"{'model':9} {'mode':9} {'memory':>8} | {'s/image':>8} {'time x':>7} {'cpu x':>7} | {'peak GiB':>8} {'peak x':>7}"
+    print(f"{'model':9} {'mode':9} {'memory':>8} | {'s/image':>8} {'time x':>7} {'steady x':>11} | {'peak GiB':>8} {'peak x':>7}"
           f" | {'IUQ s/im':>8} {'queries':>7}")
     print("\n".join(rows))
 

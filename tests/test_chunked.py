@@ -1,24 +1,9 @@
 """chunked_sum: the value and gradients of the plain sum, with nothing but the gradients held."""
-import weakref
-
 import pytest
 import torch
 
+from autograd_support import saved_bytes
 from iuq.chunked import chunked_sum
-
-
-def held_bytes(fn):
-    """Bytes of distinct storages that autograd holds for backward once ``fn`` has run."""
-    saved = []
-
-    def pack(t):
-        saved.append(weakref.ref(t))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    alive = [r() for r in saved if r() is not None]
-    return out, sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}.values())
 
 
 def per_query_dice(queries, features, targets):
@@ -56,8 +41,8 @@ def test_only_the_input_gradients_are_held_for_backward():
     targets = (torch.rand(q_count, h, w) > 0.5).float()
     chunks = torch.arange(q_count).split(8)
     maps = q_count * h * w * 4  # one float per query and cell
-    _, plain = held_bytes(lambda: per_query_dice(queries, features, targets).sum())
-    _, ours = held_bytes(lambda: chunked_sum(
+    _, plain = saved_bytes(lambda: per_query_dice(queries, features, targets).sum())
+    _, ours = saved_bytes(lambda: chunked_sum(
         lambda k, q, f: per_query_dice(q[chunks[k]], f, targets[chunks[k]]).sum(), len(chunks), queries, features))
     assert plain > maps  # the plain graph keeps per-query maps
     grads = (queries.numel() + features.numel()) * 4

@@ -1,11 +1,11 @@
 """Inter-scene loss: hand-computed values, same-image exclusion, agreement with the naive
 Q x M implementation (values and gradients), and memory that does not grow with Q x M."""
 import math
-import weakref
 
 import pytest
 import torch
 
+from autograd_support import saved_bytes
 from iuq.losses import SampleDecode, inter_pointwise_loss, inter_scene_loss, naive_inter_scene_loss
 from iuq.samples import PixelSamples
 
@@ -162,21 +162,6 @@ def test_half_precision_memory_bank_is_accepted():
     loss = inter_scene_loss(q, torch.tensor([0, 1, 2]), [b], chunk_size=4)
     ref = naive_inter_scene_loss(q, torch.tensor([0, 1, 2]), [PixelSamples(b.embeddings.float(), b.locations, b.image_ids)])
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(ref.item(), rel=1e-5)
-
-
-def saved_bytes(fn):
-    """Bytes of distinct storages autograd still holds for backward once ``fn`` has built its
-    graph (tensors saved by graphs that ``fn`` built and freed internally are not counted)."""
-    saved = []
-
-    def pack(t):
-        saved.append(weakref.ref(t))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    alive = [r() for r in saved if r() is not None]
-    return out, sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}.values())
 
 
 @pytest.mark.parametrize("decode_kind", ["dot", "condinst"])

@@ -93,7 +93,10 @@ class IUQAdapter:
 
     def decode_map(self, queries, query_meta, query_images, embeddings):
         """Logits [Q, Hm, Wm] of each query on its image's slice of an embedding map
-        [B, D, Hf, Wf], on the grid the model's mask loss uses."""
+        [B, D, Hf, Wf], on the grid the model's mask loss uses. A function of the queries and the
+        map alone (no trainable parameters of its own): ``loss_equi`` differentiates it, chunk by
+        chunk, with respect to those two only. Logits on a region's cells must not depend on cells
+        outside it (``loss_equi`` decodes each view on its valid region)."""
         raise NotImplementedError
 
     def mask_loss(self, logits, targets):

@@ -25,13 +25,22 @@ machine can also jump in speed (seen here: the same step 22 s, then 43 s, then 2
 seconds as much as in wall seconds), which no interpolation undoes: ``steady x`` is the ratio
 over the steps whose two baseline neighbours agree within ``STABLE`` (k/n: how many).
 
-Peak memory. GPU: ``torch.cuda.max_memory_allocated`` of one step, reset before it. CPU: the
-process's peak RSS during one step (VmHWM, reset through /proc/self/clear_refs), with glibc told
-to hand every freed block of 64 KiB or more straight back (mallopt), so that RSS follows the
-live tensors rather than what the allocator happens to keep cached; only the memory bank of the
-run being measured exists then. Peaks are taken on the timed batch with the most pixels (where a
-training run peaks), after the timing, so they do not slow it, and after one unmeasured step
-(the heap settles under the new setting); the baseline's is the mean of a first and a last one.
+CPU allocator. With glibc's defaults every tensor over 32 MiB is a fresh mmap, and its pages are
+faulted in and zeroed by the kernel on first touch: at 800 px that is ~4 million page faults
+and a third of a step's time, varying by a million from step to step with the heap's state,
+which both slows the step and drowns the differences between modes. A GPU run never pays this
+(PyTorch's caching allocator keeps freed blocks), so for the timed steps the child process tells
+glibc the same (``MALLOC_MMAP_MAX_=0``, ``MALLOC_TRIM_THRESHOLD_``: freed memory stays in the
+heap and is reused); set ``--system-malloc`` to time with the defaults instead.
+
+Peak memory, in a second process (same warm-up, same batches). GPU:
+``torch.cuda.max_memory_allocated`` of one step, reset before it. CPU: the process's peak RSS
+during one step (VmHWM, reset through /proc/self/clear_refs), with glibc told the opposite of the
+timed steps: hand every freed block of 64 KiB or more straight back (mallopt), so that RSS
+follows the live tensors rather than what the allocator happens to keep cached; only the memory
+bank of the run being measured exists then. Peaks are taken on the timed batch with the most
+pixels (where a training run peaks), after one unmeasured step on it; the baseline's is the mean
+of a first and a last one.
 
 Also printed, to explain the ratios: seconds per image spent inside IUQ's own loss calls
 (``inter_loss``, which also forms its gradients, and ``equi_loss``'s forward) and the queries
@@ -96,6 +105,8 @@ class Peak:
 
 
 def child(model, args):
+    """One model's steps in one process: the timed steps (``args.child_phase`` "time") or the
+    peaks ("peak"), each after the same warm-up, on the same batches."""
     import torch
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.events import EventStorage
@@ -116,8 +127,9 @@ def child(model, args):
         "MODEL.IUQ.MEMORY.SIZE", "1000", "OUTPUT_DIR", "/tmp/iuq_bench",
     ])
     seed_all_rng(1)  # the data loader's order and flips
-    trainer = IUQTrainer(cfg)
     cuda = args.device.startswith("cuda")
+    peak = Peak(cuda) if args.child_phase == "peak" else None  # before the model: its malloc setting
+    trainer = IUQTrainer(cfg)
     iuq = trainer.iuq_cfg
     runs = [(mode, size) for mode in args.modes for size in (args.memory if MODES[mode][0] else [0])]
     in_iuq, queries = [0.0], []
@@ -185,6 +197,8 @@ def child(model, args):
         memories = {1000: PixelMemory(1000)}
         step(("both", 1000), batches[0], 0)  # warm-up; sets the embedding dim of the memory
         dim = memories[1000].dim
+        if peak:
+            return peaks(trainer, runs, batches, step, peak, full_memory, dim, memories)
         memories = {size: full_memory(size, dim) for size in args.memory}
         for b, batch in enumerate(batches[1:], start=1):
             # Untimed first: whichever run meets new image sizes first pays for growing the
@@ -200,24 +214,26 @@ def child(model, args):
                 before = after
         r = results[f"{baseline[0]},{baseline[1]}"]
         r["around"] = [(t, t) for t in r["seconds"]]
-
-        # Peaks, on the timed batch with the most pixels; only the measured run's memory exists.
-        pixels = [sum(d["image"].shape[-2] * d["image"].shape[-1] for d in batch) for batch in batches[1:]]
-        b = 1 + max(range(len(pixels)), key=pixels.__getitem__)
-        memories.clear()
-        peak = Peak(cuda)
-        step(baseline, batches[b], seed=b)  # unmeasured: the heap settles under the new malloc setting
-        for run in runs + [baseline]:  # the baseline first and last: its peak is the mean of both
-            if run[1]:
-                memories = {run[1]: full_memory(run[1], dim)}
-            peak.reset()
-            step(run, batches[b], seed=b)
-            results[f"{run[0]},{run[1]}"].setdefault("peaks", []).append(peak.read())
-            memories.clear()
-            print(f"peak {run}: {peak.read() / 2**30:.3f} GiB", file=sys.stderr, flush=True)
-        for r in results.values():
-            r["peak_bytes"] = sum(r["peaks"]) / len(r["peaks"])
     return results
+
+
+def peaks(trainer, runs, batches, step, peak, full_memory, dim, memories):
+    """Each run's peak on the timed batch with the most pixels (where a training run peaks); only
+    the measured run's memory bank exists. Returns {"mode,size": {"peak_bytes": ...}}."""
+    pixels = [sum(d["image"].shape[-2] * d["image"].shape[-1] for d in batch) for batch in batches[1:]]
+    b = 1 + max(range(len(pixels)), key=pixels.__getitem__)
+    memories.clear()
+    found = {}
+    step(runs[0], batches[b], seed=b)  # unmeasured: the heap meets this batch's sizes
+    for run in runs + runs[:1]:  # the baseline first and last: its peak is the mean of both
+        if run[1]:
+            memories[run[1]] = full_memory(run[1], dim)
+        peak.reset()
+        step(run, batches[b], seed=b)
+        found.setdefault(f"{run[0]},{run[1]}", []).append(peak.read())
+        memories.clear()
+        print(f"peak {run}: {found[f'{run[0]},{run[1]}'][-1] / 2**30:.3f} GiB", file=sys.stderr, flush=True)
+    return {key: {"peak_bytes": sum(v) / len(v)} for key, v in found.items()}
 
 
 def main():
@@ -229,7 +245,10 @@ def main():
     p.add_argument("--batches", type=int, default=2, help="timed batches (each run in every mode)")
     p.add_argument("--min-size", type=int, default=800)
     p.add_argument("--max-size", type=int, default=1333)
+    p.add_argument("--system-malloc", action="store_true",
+                   help="CPU: time with glibc's default allocator settings (see 'CPU allocator')")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-phase", choices=["time", "peak"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.modes[0] != "baseline":
         p.error("--modes must start with baseline: every ratio is to it")
@@ -245,11 +264,16 @@ def main():
     for model in args.models:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", model, "--device", args.device,
                "--batches", str(args.batches), "--min-size", str(args.min_size), "--max-size", str(args.max_size),
-               "--memory", *map(str, args.memory), "--modes", *args.modes]
-        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)  # its progress goes to stderr
-        if out.returncode:
-            sys.exit(f"{model} failed (exit {out.returncode})")
-        results = json.loads(out.stdout.strip().splitlines()[-1])
+               "--memory", *map(str, args.memory), "--modes", *args.modes, "--child-phase"]
+        caching = {} if args.device.startswith("cuda") or args.system_malloc else {  # as on GPU
+            "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+        results = {}
+        for phase, env in (("time", {**os.environ, **caching}), ("peak", dict(os.environ))):
+            out = subprocess.run(cmd + [phase], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)  # progress: stderr
+            if out.returncode:
+                sys.exit(f"{model} ({phase}) failed (exit {out.returncode})")
+            for key, r in json.loads(out.stdout.strip().splitlines()[-1]).items():
+                results.setdefault(key, {}).update(r)
         base = results["baseline,0"]
         for key, r in results.items():
             mode, size = key.split(",")
@@ -263,7 +287,8 @@ def main():
             size = f"{int(size) // 1000}K" if int(size) else "-"
             rows.append(f"{model:9} {mode:9} {size:>8} | {t:8.3f} {ratio:7.3f} {steady:>11} | {r['peak_bytes'] / 2**30:8.2f} "
                         f"{r['peak_bytes'] / base['peak_bytes']:7.3f} | {iuq:8.3f} {q}")
-    print(f"\nIUQ training-step cost, device={args.device}, {args.min_size}x<={args.max_size}, "
+    malloc = "" if args.device.startswith("cuda") else (", system malloc" if args.system_malloc else ", caching malloc")
+    print(f"\nIUQ training-step cost, device={args.device}{malloc}, {args.min_size}x<={args.max_size}, "
           f"{IMAGES_PER_STEP} images/step, {args.batches} batches x every mode; peak = {unit}")
     print(f"{'model':9} {'mode':9} {'memory':>8} | {'s/image':>8} {'time x':>7} {'steady x':>11} | {'peak GiB':>8} {'peak x':>7}"
           f" | {'IUQ s/im':>8} {'queries':>7}")

@@ -176,7 +176,7 @@ def test_equivariance_loss_equals_the_straightforward_computation(name, tmp_path
     with trainer.adapter.capture() as cap:
         trainer.model(batch)
     assert int((cap.query_images >= 2).sum()) > 0
-    ours = trainer.equi_loss(cap, views, 2)
+    ours = trainer.equi_loss(cap, views, 2, trainer.read_embeddings(cap, views, 2)[1])
     ref = straightforward_equi_loss(trainer.adapter, cap, views, 2, iuq.EQUI.WEIGHT)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
     wrt = [cap.queries, cap.embeddings]

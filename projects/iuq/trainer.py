@@ -21,6 +21,7 @@ from detectron2.utils import comm
 from .adapters import adapter_class, build_adapter
 from .chunked import chunked_sum
 from .config import validate_iuq_config
+from .crops import crops
 from .equivariance import valid_cells
 from .losses import inter_scene_loss
 from .memory import PixelMemory
@@ -113,11 +114,13 @@ class IUQTrainer(DefaultTrainer):
 
         with self.adapter.capture() if inter or equi else nullcontext() as captured:
             loss_dict = self.model(batch)  # the base model's own losses (originals and views)
+        if inter or equi:
+            originals, regions = self.read_embeddings(captured, views if equi else [], num_originals)
         if inter:
             image_ids = torch.tensor([dataset_image_id(d) for d in batch], device=self.memory.device)
-            loss_dict["loss_inter"], samples = self.inter_loss(captured, batch, num_originals, image_ids)
+            loss_dict["loss_inter"], samples = self.inter_loss(captured, originals, batch, image_ids)
         if equi:
-            loss_dict["loss_equi"] = self.equi_loss(captured, views, num_originals)
+            loss_dict["loss_equi"] = self.equi_loss(captured, views, num_originals, regions)
         return loss_dict, samples
 
     def _autocast(self):
@@ -127,11 +130,26 @@ class IUQTrainer(DefaultTrainer):
         dtype = self._trainer.precision if device == "cuda" else torch.bfloat16
         return torch.autocast(device_type=device, dtype=dtype)
 
-    def inter_loss(self, cap, batch, num_originals, image_ids):
+    @staticmethod
+    def read_embeddings(cap, views, num_originals):
+        """IUQ's reads of the pixel-embedding map ``cap.embeddings`` [B, D, H, W], all from one
+        autograd node (``crops``: one gradient buffer in backward, not one per read). Returns the
+        originals' maps [num_originals, D, H, W] and, per view, (its source's valid cells
+        [D, hc, wc], the view's own valid cells [D, h', w'])."""
+        s, boxes = cap.stride, [(slice(0, num_originals),)]
+        for k, v in enumerate(views):
+            (hc, wc), (hv, wv) = valid_cells(v.g.in_size, s), valid_cells(v.g.out_size, s)
+            boxes.append((v.source, slice(None), slice(0, hc), slice(0, wc)))
+            boxes.append((num_originals + k, slice(None), slice(0, hv), slice(0, wv)))
+        originals, *regions = crops(cap.embeddings, boxes)
+        return originals, list(zip(regions[::2], regions[1::2]))
+
+    def inter_loss(self, cap, originals, batch, image_ids):
         """Eq. 5's inter-scene term: every query against pixels of other images (this batch's
-        originals and the memory). Returns the weighted loss and this batch's samples."""
+        ``originals`` [n, D, H, W] and the memory). Returns the weighted loss and this batch's
+        samples."""
         cfg = self.iuq_cfg
-        emb = cap.embeddings[:num_originals]
+        emb, num_originals = originals, len(originals)
         grid = []
         for d in batch[:num_originals]:
             masks = instance_bitmasks(d["instances"], tuple(d["image"].shape[-2:]))
@@ -148,9 +166,10 @@ class IUQTrainer(DefaultTrainer):
         )
         return loss * cfg.INTER.WEIGHT, samples
 
-    def equi_loss(self, cap, views, num_originals):
+    def equi_loss(self, cap, views, num_originals, regions):
         """Eq. 8: the view's queries on g(F) of the original must give the view's ground truth
-        (mode "full"); or, mode "feature", the view's embeddings must equal g(F).
+        (mode "full"); or, mode "feature", the view's embeddings must equal g(F). ``regions``: per
+        view, (its source's valid cells, its own), as ``read_embeddings`` gives them.
 
         Each view is decoded on its own valid region only (the rest of the padded batch map is
         outside every dice term, and neither decode reads past the region for the cells in it:
@@ -159,23 +178,20 @@ class IUQTrainer(DefaultTrainer):
         (``chunked_sum``): the loss holds no per-query map for backward.
         ``tests/test_integration_adelaidet.py`` checks it against the whole-map computation.
         """
-        emb, weight = cap.embeddings, self.iuq_cfg.EQUI.WEIGHT
-        if self.iuq_cfg.EQUI.MODE == "feature":
-            diffs = []
-            for k, v in enumerate(views):
-                moved = moved_features(emb, v, cap.stride)  # on the view's valid cells
-                diffs.append((emb[num_originals + k, :, : moved.shape[1], : moved.shape[2]] - moved).pow(2).mean())
+        weight = self.iuq_cfg.EQUI.WEIGHT
+        if self.iuq_cfg.EQUI.MODE == "feature":  # g(F) and the view's F, on the view's valid cells
+            diffs = [(own - v.g.apply_features(source)).pow(2).mean() for v, (source, own) in zip(views, regions)]
             return torch.stack(diffs).mean() * weight
         is_view = cap.query_images >= num_originals
         queries, images, meta, targets = cap.select_queries(is_view)
         if len(queries) == 0:
-            return emb.sum() * 0.0
+            return cap.embeddings.sum() * 0.0
         adapter, total = self.adapter, 0.0
-        for k, v in enumerate(views):
+        for k, (v, (source, _)) in enumerate(zip(views, regions)):
             mine = (images == num_originals + k).nonzero(as_tuple=True)[0]
             if len(mine) == 0:
                 continue
-            moved = moved_features(emb, v, cap.stride)
+            moved = v.g.apply_features(source)  # g(F), on the view's valid cells
             hm, wm = valid_cells(v.g.out_size, cap.mask_stride)
             chunks = mine.split(EQUI_QUERY_CHUNK)
 
@@ -189,13 +205,6 @@ class IUQTrainer(DefaultTrainer):
 
             total = total + chunked_sum(dice_sum, len(chunks), queries, moved)
         return total / len(queries) * weight
-
-
-def moved_features(emb, view, stride):
-    """g(F): the view's transform applied to its original's embeddings, [D, h', w'] on the view's
-    valid cells (the original's valid cells are sliced out of the padded batch map first)."""
-    hc, wc = valid_cells(view.g.in_size, stride)
-    return view.g.apply_features(emb[view.source, :, :hc, :wc])
 
 
 @contextmanager

@@ -5,6 +5,7 @@ images from coco_2017_train), at equal images per step.
 
     python benchmarks/train_step.py                      # both models, 10K / 100K / 1M, CPU
     python benchmarks/train_step.py --models CondInst --memory 100000 --batches 5 --device cuda
+    python benchmarks/train_step.py --modes baseline both --memory 100000 --batches 3 --rounds 3
 
 Modes (every one feeds 2 images + 1 transformed copy of each = 4 images per step, so the
 equivariant views count as images of the step as augmented copies do for the baseline):
@@ -17,13 +18,14 @@ How drift and noise are kept out of the ratios. One process per model builds one
 batch it runs a training step in every mode (and memory size), each on a copy of the same batch
 with the same views and the same random draws, after one untimed step on that batch (the first
 step on new image sizes is slower, whatever its mode). The timed steps alternate: baseline, a
-mode, baseline, the next mode, ..., baseline (the modes' order rotated from batch to batch), and a
-mode's time ratio is its total over all batches / the total of the means of the baseline steps
-just before and after each of its steps. So every mode sees the same images, and a slow drift of
-the machine's speed cancels. ``time x`` is that ratio over all of a mode's steps. A shared
-machine can also jump in speed (seen here: the same step 22 s, then 43 s, then 22 s again, in CPU
-seconds as much as in wall seconds), which no interpolation undoes: ``steady x`` is the ratio
-over the steps whose two baseline neighbours agree within ``STABLE`` (k/n: how many).
+mode, baseline, the next mode, ..., baseline (the modes' order rotated from batch to batch;
+``--rounds`` times per batch), and each mode step is compared with the mean of the baseline steps
+just before and after it. So every mode sees the same images, and a slow drift of the machine's
+speed cancels. ``time x`` is a mode's total over all its steps / the total of those baseline
+means. A shared machine also jumps in speed for a step or two (seen here: the same step 22 s,
+then 43 s, then 22 s again, in CPU seconds as much as in wall seconds), which no interpolation
+undoes and which can move a total by several percent: ``median x`` is the median over the
+mode's steps of their own ratios (n: how many), which such a jump moves by one rank only.
 
 CPU allocator. With glibc's defaults every tensor over 32 MiB is a fresh mmap, and its pages are
 faulted in and zeroed by the kernel on first touch: at 800 px that is ~4 million page faults
@@ -53,6 +55,7 @@ import gc
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -66,7 +69,6 @@ MODES = {  # (INTER.ENABLED, EQUI.MODE)
     "both": (True, "full"),
 }
 IMAGES_PER_STEP = 4
-STABLE = 0.03  # baseline steps around a mode step that differ by more: the machine changed speed
 
 
 class Peak:
@@ -207,11 +209,12 @@ def child(model, args):
             # Baseline, mode, baseline, mode, ..., baseline: each mode is compared with the mean
             # of the baseline steps just before and after it, which cancels the machine's drift.
             before = timed_step(baseline, batch, b)
-            for run in others[b % len(others):] + others[: b % len(others)]:
-                timed_step(run, batch, b)
-                after = timed_step(baseline, batch, b)
-                results[f"{run[0]},{run[1]}"]["around"].append((before, after))
-                before = after
+            for _ in range(args.rounds):
+                for run in others[b % len(others):] + others[: b % len(others)]:
+                    timed_step(run, batch, b)
+                    after = timed_step(baseline, batch, b)
+                    results[f"{run[0]},{run[1]}"]["around"].append((before, after))
+                    before = after
         r = results[f"{baseline[0]},{baseline[1]}"]
         r["around"] = [(t, t) for t in r["seconds"]]
     return results
@@ -243,6 +246,7 @@ def main():
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--batches", type=int, default=2, help="timed batches (each run in every mode)")
+    p.add_argument("--rounds", type=int, default=1, help="timed steps of every mode per batch")
     p.add_argument("--min-size", type=int, default=800)
     p.add_argument("--max-size", type=int, default=1333)
     p.add_argument("--system-malloc", action="store_true",
@@ -263,8 +267,8 @@ def main():
     rows = []
     for model in args.models:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", model, "--device", args.device,
-               "--batches", str(args.batches), "--min-size", str(args.min_size), "--max-size", str(args.max_size),
-               "--memory", *map(str, args.memory), "--modes", *args.modes, "--child-phase"]
+               "--batches", str(args.batches), "--rounds", str(args.rounds), "--min-size", str(args.min_size),
+               "--max-size", str(args.max_size), "--memory", *map(str, args.memory), "--modes", *args.modes, "--child-phase"]
         caching = {} if args.device.startswith("cuda") or args.system_malloc else {  # as on GPU
             "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
         results = {}
@@ -279,18 +283,18 @@ def main():
             mode, size = key.split(",")
             t = sum(r["seconds"]) / (len(r["seconds"]) * IMAGES_PER_STEP)
             ratio = sum(r["seconds"]) / sum((a + b) / 2 for a, b in r["around"])  # vs the baselines around it
-            stable = [(t, (a + b) / 2) for t, (a, b) in zip(r["seconds"], r["around"]) if abs(a - b) <= STABLE * min(a, b)]
-            steady = f"{sum(t for t, _ in stable) / sum(ref for _, ref in stable):7.3f}" if stable else f"{'-':>7}"
-            steady += f" {len(stable)}/{len(r['seconds'])}"
+            per_step = [sec / ((a + b) / 2) for sec, (a, b) in zip(r["seconds"], r["around"])]
+            median = f"{statistics.median(per_step):7.3f}"
+            median += f" {len(r['seconds']):>3}"
             iuq = sum(r["iuq_seconds"]) / (len(r["iuq_seconds"]) * IMAGES_PER_STEP)
             q = f"{sum(r['queries']) / len(r['queries']):7.0f}" if r["queries"] else f"{'-':>7}"
             size = f"{int(size) // 1000}K" if int(size) else "-"
-            rows.append(f"{model:9} {mode:9} {size:>8} | {t:8.3f} {ratio:7.3f} {steady:>11} | {r['peak_bytes'] / 2**30:8.2f} "
+            rows.append(f"{model:9} {mode:9} {size:>8} | {t:8.3f} {ratio:7.3f} {median:>11} | {r['peak_bytes'] / 2**30:8.2f} "
                         f"{r['peak_bytes'] / base['peak_bytes']:7.3f} | {iuq:8.3f} {q}")
     malloc = "" if args.device.startswith("cuda") else (", system malloc" if args.system_malloc else ", caching malloc")
     print(f"\nIUQ training-step cost, device={args.device}{malloc}, {args.min_size}x<={args.max_size}, "
-          f"{IMAGES_PER_STEP} images/step, {args.batches} batches x every mode; peak = {unit}")
-    print(f"{'model':9} {'mode':9} {'memory':>8} | {'s/image':>8} {'time x':>7} {'steady x':>11} | {'peak GiB':>8} {'peak x':>7}"
+          f"{IMAGES_PER_STEP} images/step, {args.batches} batches x {args.rounds} rounds x every mode; peak = {unit}")
+    print(f"{'model':9} {'mode':9} {'memory':>8} | {'s/image':>8} {'time x':>7} {'median x   n':>11} | {'peak GiB':>8} {'peak x':>7}"
           f" | {'IUQ s/im':>8} {'queries':>7}")
     print("\n".join(rows))
 

@@ -46,6 +46,20 @@ def test_each_variant_against_hand_computation(name, fn):
     assert got.tolist() == pytest.approx([fn(v) for v in p], rel=1e-5)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 1.7, 2.0, 2.5, 3.0])
+def test_fused_focal_value_and_slope_for_any_gamma(gamma):
+    """The fused pass (half-integer gammas through sqrt, not pow) against autograd of the plain
+    pointwise focal loss (both in float32, as the loss computes)."""
+    from iuq.losses import inter_pointwise_loss_and_grad
+
+    x = torch.linspace(-12, 12, 97, requires_grad=True)
+    want = inter_pointwise_loss(x, "focal", alpha=0.1, gamma=gamma)
+    (slope,) = torch.autograd.grad(want.sum(), x)
+    value, got_slope = inter_pointwise_loss_and_grad(x.detach(), "focal", alpha=0.1, gamma=gamma)
+    torch.testing.assert_close(value, want.detach(), rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(got_slope, slope, rtol=1e-5, atol=1e-12)
+
+
 def test_normalisation_is_per_query_mean_then_mean_over_queries():
     q = torch.tensor([[1.0], [2.0]])
     b = bank([[1.0], [1.0], [1.0]], [0, 1, 1])

@@ -97,7 +97,7 @@ def inter_pointwise_loss_and_grad(logits, loss="focal", alpha=0.1, gamma=2.5):
     p = torch.sigmoid(x)
     if loss == "focal":
         sp = F.softplus(x)
-        scaled = p.pow(gamma).mul_(1.0 - alpha)  # (1 - alpha) p^g
+        scaled = _power(p, gamma).mul_(1.0 - alpha)  # (1 - alpha) p^g
         value = scaled * sp
         # d/dx [p^g * softplus(x)] = p^g * (g * (1 - p) * softplus(x) + p), since dp/dx = p (1 - p)
         slope = torch.addcmul(sp, sp, p, value=-1.0).mul_(gamma).add_(p).mul_(scaled)
@@ -109,6 +109,17 @@ def inter_pointwise_loss_and_grad(logits, loss="focal", alpha=0.1, gamma=2.5):
     if loss == "l2":
         return p * p, (p * p).mul_(1.0 - p).mul_(2.0)
     raise ValueError(f"Unknown inter-scene loss {loss!r}; use focal, l1, l2 or ce")
+
+
+def _power(p, gamma):
+    """``p ** gamma``; for a half-integer gamma (the paper's 2.5) as ``p^n * sqrt(p)``, within an
+    ulp or two of ``pow`` (sqrt is exact to the ulp) at a fraction of its time: this runs on every
+    (query, sample) pair."""
+    whole = int(gamma)
+    if gamma < 0 or 2 * gamma != int(2 * gamma):
+        return p.pow(gamma)
+    power = p.pow(whole) if whole else torch.ones_like(p)
+    return power.mul_(p.sqrt()) if gamma != whole else power
 
 
 def _query_weights(query_ids, banks):

@@ -200,7 +200,7 @@ def child(model, args):
         step(("both", 1000), batches[0], 0)  # warm-up; sets the embedding dim of the memory
         dim = memories[1000].dim
         if peak:
-            return peaks(trainer, runs, batches, step, peak, full_memory, dim, memories)
+            return peaks(runs, batches, step, peak, full_memory, dim, memories)
         memories = {size: full_memory(size, dim) for size in args.memory}
         for b, batch in enumerate(batches[1:], start=1):
             # Untimed first: whichever run meets new image sizes first pays for growing the
@@ -220,7 +220,7 @@ def child(model, args):
     return results
 
 
-def peaks(trainer, runs, batches, step, peak, full_memory, dim, memories):
+def peaks(runs, batches, step, peak, full_memory, dim, memories):
     """Each run's peak on the timed batch with the most pixels (where a training run peaks); only
     the measured run's memory bank exists. Returns {"mode,size": {"peak_bytes": ...}}."""
     pixels = [sum(d["image"].shape[-2] * d["image"].shape[-1] for d in batch) for batch in batches[1:]]
@@ -282,10 +282,9 @@ def main():
         for key, r in results.items():
             mode, size = key.split(",")
             t = sum(r["seconds"]) / (len(r["seconds"]) * IMAGES_PER_STEP)
-            ratio = sum(r["seconds"]) / sum((a + b) / 2 for a, b in r["around"])  # vs the baselines around it
-            per_step = [sec / ((a + b) / 2) for sec, (a, b) in zip(r["seconds"], r["around"])]
-            median = f"{statistics.median(per_step):7.3f}"
-            median += f" {len(r['seconds']):>3}"
+            around = [(a + b) / 2 for a, b in r["around"]]  # the mean of the baselines around each step
+            ratio = sum(r["seconds"]) / sum(around)
+            median = f"{statistics.median(sec / ref for sec, ref in zip(r['seconds'], around)):7.3f} {len(around):>3}"
             iuq = sum(r["iuq_seconds"]) / (len(r["iuq_seconds"]) * IMAGES_PER_STEP)
             q = f"{sum(r['queries']) / len(r['queries']):7.0f}" if r["queries"] else f"{'-':>7}"
             size = f"{int(size) // 1000}K" if int(size) else "-"

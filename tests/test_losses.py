@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from autograd_support import saved_bytes
-from iuq.losses import SampleDecode, inter_pointwise_loss, inter_scene_loss, naive_inter_scene_loss
+from iuq.losses import (
+    SampleDecode,
+    inter_pointwise_loss,
+    inter_pointwise_loss_and_grad,
+    inter_scene_loss,
+    naive_inter_scene_loss,
+)
 from iuq.samples import PixelSamples
 
 
@@ -50,8 +56,6 @@ def test_each_variant_against_hand_computation(name, fn):
 def test_fused_focal_value_and_slope_for_any_gamma(gamma):
     """The fused pass (half-integer gammas through sqrt, not pow) against autograd of the plain
     pointwise focal loss (both in float32, as the loss computes)."""
-    from iuq.losses import inter_pointwise_loss_and_grad
-
     x = torch.linspace(-12, 12, 97, requires_grad=True)
     want = inter_pointwise_loss(x, "focal", alpha=0.1, gamma=gamma)
     (slope,) = torch.autograd.grad(want.sum(), x)

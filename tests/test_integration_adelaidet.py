@@ -210,10 +210,11 @@ def test_solov2_iuq_losses_leave_levels_without_positives_out_of_the_graph(tmp_p
         assert all(grads[lvl] is not None and grads[lvl].abs().sum() > 0 for lvl in busy), key
 
 
-def test_condinst_sample_decode_reuses_buffers_only_when_that_is_safe():
-    """The dynamic MLP keeps its [Q, H, C] buffers from one chunk to the next. Two graphs alive at
-    once must still give each its own gradients, and a second backward through a graph whose
-    buffers were taken again must fail, not return wrong numbers."""
+def test_condinst_chunk_path_matches_autograd_through_its_decode():
+    """The inter-scene loss's inner loop (``forward_chunk`` / ``backward_chunk``, backward by hand,
+    buffers reused from chunk to chunk) == autograd through ``apply``: logits and the gradients of
+    every prepared tensor and of the embeddings, for chunks of changing sizes in a row (a buffer
+    grown, then read as a smaller view, then grown again)."""
     from detectron2.modeling import build_model
 
     from iuq.adapters import build_adapter
@@ -224,17 +225,17 @@ def test_condinst_sample_decode_reuses_buffers_only_when_that_is_safe():
     torch.manual_seed(0)
     params = (torch.randn(5, adapter.head.num_gen_params, dtype=torch.float64) * 0.3).requires_grad_()
     meta = {"locations": torch.rand(5, 2, dtype=torch.float64) * 100, "fpn_levels": torch.randint(0, 5, (5,))}
-    embs = [torch.randn(7, 8, dtype=torch.float64) for _ in range(2)]
-    locs = [torch.rand(7, 2, dtype=torch.float64) * 100 for _ in range(2)]
-
-    def grad_of(k, **kw):
-        return torch.autograd.grad(decode(params, meta, embs[k], locs[k]).sum(), params, **kw)[0]
-
-    expected = [grad_of(0), grad_of(1)]  # one graph at a time
-    first, second = (decode(params, meta, e, loc).sum() for e, loc in zip(embs, locs))  # both alive
-    torch.testing.assert_close(torch.autograd.grad(second, params)[0], expected[1])
-    torch.testing.assert_close(torch.autograd.grad(first, params, retain_graph=True)[0], expected[0])
-    decode(params, meta, embs[1], locs[1]).sum().backward()  # takes the buffers `first` gave back
-    with pytest.raises(RuntimeError, match="inplace operation"):
-        torch.autograd.grad(first, params)
+    prepared = [t.detach().requires_grad_() for t in decode.prepare(params, meta)]
+    for c in (7, 3, 11):
+        emb = torch.randn(c, 8, dtype=torch.float64, requires_grad=True)
+        loc = torch.rand(c, 2, dtype=torch.float64) * 100
+        probe = torch.randn(5, c, dtype=torch.float64)
+        reference = decode.apply(prepared, emb, loc)
+        expected = torch.autograd.grad(reference, [*prepared, emb], probe)
+        logits, state = decode.forward_chunk(prepared, emb.detach().requires_grad_(), loc)
+        torch.testing.assert_close(logits, reference.detach(), rtol=1e-12, atol=1e-12)
+        grads, grad_emb = decode.backward_chunk(state, probe)
+        for got, want in zip([*grads, grad_emb], expected):
+            assert want.abs().sum() > 0
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     decode.release()

@@ -25,8 +25,10 @@ def add_iuq_config(cfg):
     cfg.MODEL.IUQ.INTER.GAMMA = 2.5
     cfg.MODEL.IUQ.INTER.WEIGHT = 1.0
     # Memory samples decoded per chunk: bounds the loss's extra memory at one Q x CHUNK_SIZE decode
-    # (CondInst: 8 hidden channels per pair); larger chunks are no faster on CPU.
-    cfg.MODEL.IUQ.INTER.CHUNK_SIZE = 1024
+    # (CondInst: 8 hidden channels per pair). On a CPU, 512 keeps CondInst's [Q, 8, C] tensors
+    # nearer the caches (1.2 s vs 1.4 s at 1024, Q = 350, 100K samples) and costs the dot
+    # product nothing (measured on CPU only; a GPU may want larger chunks).
+    cfg.MODEL.IUQ.INTER.CHUNK_SIZE = 512
 
     # External memory of pixel samples from past batches (a FIFO queue).
     cfg.MODEL.IUQ.MEMORY = CN()

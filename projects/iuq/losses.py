@@ -36,6 +36,11 @@ class SampleDecode:
     run once per loss; ``apply(prepared, embeddings [C, D], locations [C, 2])`` -> logits [Q, C],
     differentiable in ``prepared`` and ``embeddings``, run once per chunk of samples. Calling the
     object is the plain decode signature: ``decode(queries, query_meta, embeddings, locations)``.
+
+    The inter-scene loss runs each chunk as ``forward_chunk`` then, with the loss's gradient in
+    the logits, ``backward_chunk``; by default through autograd on ``apply``. A decode may write
+    the pair out by hand (CondInst, dot product): the loss's inner loop then builds no graph per
+    chunk, and buffers can be reused from one chunk to the next, as nothing outlives the chunk.
     """
 
     def prepare(self, queries, query_meta):
@@ -44,8 +49,25 @@ class SampleDecode:
     def apply(self, prepared, embeddings, locations):
         raise NotImplementedError
 
+    def forward_chunk(self, prepared, embeddings, locations):
+        """Logits [Q, C] (no graph) and the state ``backward_chunk`` needs. Gradients are wanted
+        for the tensors of ``prepared`` and ``embeddings`` that have ``requires_grad`` set."""
+        with torch.enable_grad():
+            logits = self.apply(prepared, embeddings, locations)
+        return logits.detach(), (logits, prepared, embeddings)
+
+    def backward_chunk(self, state, grad_logits):
+        """(grads of ``prepared`` (None where not wanted), grad of the embeddings or None), given
+        d loss / d logits [Q, C]. Called once per ``forward_chunk``, before the next one."""
+        logits, prepared, embeddings = state
+        wrt = [t for t in (*prepared, embeddings) if t.requires_grad]
+        grads = iter(torch.autograd.grad(logits, wrt, grad_logits) if wrt else ())
+        return [next(grads) if t.requires_grad else None for t in prepared], (
+            next(grads) if embeddings.requires_grad else None
+        )
+
     def release(self):
-        """Drop whatever ``apply`` kept from one chunk to the next; called once the loss is formed."""
+        """Drop whatever was kept from one chunk to the next; called once the loss is formed."""
 
     def __call__(self, queries, query_meta, embeddings, locations):
         return self.apply(self.prepare(queries, query_meta), embeddings, locations)
@@ -57,6 +79,17 @@ class DotProductDecode(SampleDecode):
     def apply(self, prepared, embeddings, locations):
         (queries,) = prepared
         return queries @ embeddings.to(queries.dtype).t()
+
+    @torch.no_grad()
+    def forward_chunk(self, prepared, embeddings, locations):
+        return self.apply(prepared, embeddings, locations), (prepared[0], embeddings)
+
+    @torch.no_grad()
+    def backward_chunk(self, state, grad_logits):
+        queries, embeddings = state
+        grad_queries = grad_logits @ embeddings.to(queries.dtype) if queries.requires_grad else None
+        grad_embeddings = grad_logits.t() @ queries if embeddings.requires_grad else None
+        return [grad_queries], grad_embeddings
 
 
 dot_product_decode = DotProductDecode()
@@ -138,15 +171,15 @@ class _FusedInterLoss(torch.autograd.Function):
     """sum_{q, m} w_q [id_q != id_m] l(apply(prepared, e_m)), chunked over the samples, with its
     gradients formed in the same pass: the loss is a scalar, so each chunk's d total / d logits is
     known in closed form (``inter_pointwise_loss_and_grad``) and is pushed through the decode at
-    once, after which the chunk's graph is freed. Nothing of size Q x M is kept, nothing is
-    recomputed, and backward only rescales the stored gradients. The banks' locations are
-    constants (no gradient). Computes in at least float32.
+    once (``decode.backward_chunk``), after which nothing of the chunk is kept. Nothing of size
+    Q x M is kept, nothing is recomputed, and backward only rescales the stored gradients. The
+    banks' locations are constants (no gradient). Computes in at least float32.
 
     Inputs after the constants: ``num_prepared`` prepared query tensors, then (embeddings,
     locations, image_ids) per bank."""
 
     @staticmethod
-    def forward(ctx, apply, weights, query_ids, loss, alpha, gamma, chunk_size, num_prepared, *inputs):
+    def forward(ctx, decode, weights, query_ids, loss, alpha, gamma, chunk_size, num_prepared, *inputs):
         n = num_prepared
         dtype = torch.promote_types(inputs[0].dtype, torch.float32)
         prepared = [t.detach().to(dtype).requires_grad_(ctx.needs_input_grad[8 + i]) for i, t in enumerate(inputs[:n])]
@@ -159,26 +192,25 @@ class _FusedInterLoss(torch.autograd.Function):
             emb, locations, ids = bank[k : k + 3]
             needs = ctx.needs_input_grad[8 + n + k]
             grad_emb = torch.zeros(emb.shape, dtype=dtype, device=emb.device) if needs else None
+            # The chunks holding samples of the queries' own images (one sync per bank, not per chunk).
+            mixed = set((torch.isin(ids, query_images).nonzero()[:, 0] // chunk_size).tolist())
             for s in range(0, len(emb), chunk_size):
                 e = emb[s : s + chunk_size].detach().to(dtype).requires_grad_(needs)
-                wrt = [t for t in prepared + [e] if t.requires_grad]
-                with torch.enable_grad():
-                    logits = apply(prepared, e, locations[s : s + chunk_size])
-                value, slope = inter_pointwise_loss_and_grad(logits.detach(), loss, alpha, gamma)
-                chunk_ids = ids[s : s + chunk_size]
-                if bool(torch.isin(chunk_ids, query_images).any()):  # some samples are not negatives
-                    same = query_ids[:, None] == chunk_ids[None, :]
+                logits, state = decode.forward_chunk(prepared, e, locations[s : s + chunk_size])
+                value, slope = inter_pointwise_loss_and_grad(logits, loss, alpha, gamma)
+                if s // chunk_size in mixed:  # some samples are not negatives
+                    same = query_ids[:, None] == ids[s : s + chunk_size][None, :]
                     value.masked_fill_(same, 0.0)
                     slope.masked_fill_(same, 0.0)
                 total += weights @ value.sum(dim=1)
-                if not wrt:
+                if not (needs or any(p.requires_grad for p in prepared)):
                     continue
-                grads = iter(torch.autograd.grad(logits, wrt, slope.mul_(weights[:, None]).to(logits.dtype)))
-                for acc in grad_prepared:
+                grads, grad_e = decode.backward_chunk(state, slope.mul_(weights[:, None]).to(logits.dtype))
+                for acc, g in zip(grad_prepared, grads):
                     if acc is not None:
-                        acc += next(grads)
+                        acc += g
                 if needs:
-                    grad_emb[s : s + chunk_size] = next(grads)
+                    grad_emb[s : s + chunk_size] = grad_e
             grad_bank += [grad_emb, None, None]
         grads = grad_prepared + grad_bank
         ctx.has_grad = [g is not None for g in grads]
@@ -202,7 +234,7 @@ def inter_scene_loss(
     loss="focal",
     alpha=0.1,
     gamma=2.5,
-    chunk_size=1024,
+    chunk_size=512,
 ):
     """Inter-scene loss of ``queries`` against pixel samples of other images.
 
@@ -237,7 +269,7 @@ def inter_scene_loss(
     flat = [t for b in banks for t in (b.embeddings, b.locations, b.image_ids.to(queries.device))]
     try:
         return _FusedInterLoss.apply(
-            decode.apply, weights, query_image_ids, loss, alpha, gamma, chunk_size, len(prepared), *prepared, *flat
+            decode, weights, query_image_ids, loss, alpha, gamma, chunk_size, len(prepared), *prepared, *flat
         )
     finally:
         decode.release()

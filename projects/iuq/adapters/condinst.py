@@ -9,6 +9,8 @@ Wrapped calls (on the instance):
   ``mask_head_params``, ``locations``, ``fpn_levels``, ``im_inds`` and batch-global ``gt_inds``.
 ``DynamicMaskHead`` overrides ``__call__``, so module hooks on it never fire: hence the wraps.
 """
+import math
+
 import torch
 from adet.modeling.condinst.dynamic_mask_head import dice_coefficient, parse_dynamic_params
 from detectron2.structures import Instances
@@ -17,74 +19,23 @@ from ..losses import SampleDecode
 from .base import IUQ_ADAPTER_REGISTRY, IUQAdapter
 
 
-class _Scratch:
-    """[Q, H, C] buffers passed from one chunk's MLP to the next: taken in forward or backward,
-    given back once read for the last time. A buffer saved for backward is written again only after
-    that backward has run (autograd's version check refuses a second backward through it)."""
+class _Buffers:
+    """Flat buffers reused from chunk to chunk by slot: ``get(slot, shape, like)`` returns a
+    contiguous tensor of ``shape`` over the slot's storage, grown when too small. Safe because a
+    chunk's forward and backward both run before the next chunk's (``SampleDecode``'s contract)."""
 
     def __init__(self):
-        self._free = []
+        self._flat = {}
 
-    def take(self, shape, like):
-        for i, t in enumerate(self._free):
-            if t.shape == shape and t.dtype == like.dtype and t.device == like.device:
-                return self._free.pop(i)
-        return like.new_empty(shape)
-
-    def give(self, *tensors):
-        self._free.extend(tensors)
+    def get(self, slot, shape, like):
+        n = math.prod(shape)
+        flat = self._flat.get(slot)
+        if flat is None or flat.numel() < n or flat.dtype != like.dtype or flat.device != like.device:
+            flat = self._flat[slot] = like.new_empty(n)
+        return flat[:n].view(shape)
 
     def clear(self):
-        self._free.clear()
-
-
-class _DynamicMLP(torch.autograd.Function):
-    """Per-query MLP on shared samples: x_1 = W_0 S^T, x_{k+1} = W_k relu(x_k) + b_k -> [Q, C].
-
-    w0 [Q, H, K] (first layer in linear form, bias included), samples [C, K], then (w_k
-    [Q, out, in], b_k [Q, out, 1]) per later layer, the last with out = 1. The same math as
-    autograd's graph of these ops, with the backward written out so the ReLUs run in place and
-    the [Q, H, C] tensors live in ``scratch`` buffers reused from chunk to chunk: this is the inner
-    loop of the inter-scene loss (every query against every memory sample), where fresh
-    allocations of those tensors cost more time than the products themselves.
-    """
-
-    @staticmethod
-    def forward(ctx, scratch, w0, samples, *layers):
-        q, h, k = w0.shape
-        c = samples.shape[0]
-        x = scratch.take((q, h, c), w0)
-        torch.mm(w0.reshape(q * h, k), samples.t(), out=x.view(q * h, c))
-        hidden, weights = [], layers[0::2]
-        for i, (w, b) in enumerate(zip(weights, layers[1::2])):
-            hidden.append(x.relu_())
-            last = i == len(weights) - 1
-            x = w0.new_empty((q, w.shape[1], c)) if last else scratch.take((q, w.shape[1], c), w0)
-            torch.baddbmm(b, w, hidden[-1], out=x)
-        ctx.scratch = scratch
-        ctx.save_for_backward(w0, samples, *weights, *hidden)
-        return x[:, 0]
-
-    @staticmethod
-    def backward(ctx, grad):
-        w0, samples, *rest = ctx.saved_tensors
-        n, scratch = len(rest) // 2, ctx.scratch
-        weights, hidden = rest[:n], rest[n:]
-        q, h, k = w0.shape
-        c = samples.shape[0]
-        g, layer_grads = grad[:, None], []  # g: d loss / d x_k, [Q, out, C]
-        for depth, (w, x) in enumerate(zip(reversed(weights), reversed(hidden))):
-            layer_grads = [g @ x.transpose(1, 2), g.sum(dim=2, keepdim=True)] + layer_grads
-            g_in = scratch.take((q, w.shape[2], c), g)
-            torch.bmm(w.transpose(1, 2), g, out=g_in)
-            torch.ops.aten.threshold_backward.grad_input(g_in, x, 0, grad_input=g_in)  # ReLU', in place
-            scratch.give(x, *([g] if depth else []))  # read for the last time (the first g is autograd's)
-            g = g_in
-        g2 = g.reshape(q * h, c)
-        grad_w0 = (g2 @ samples).reshape(q, h, k) if ctx.needs_input_grad[1] else None
-        grad_samples = g2.t() @ w0.reshape(q * h, k) if ctx.needs_input_grad[2] else None
-        scratch.give(g)
-        return (None, grad_w0, grad_samples, *layer_grads)
+        self._flat.clear()
 
 
 class DynamicHeadDecode(SampleDecode):
@@ -93,16 +44,20 @@ class DynamicHeadDecode(SampleDecode):
 
     ``prepare`` (once per loss) reads the head's weights with its own ``parse_dynamic_params`` and
     puts the first layer in linear form, ``W0 [(loc_q - L_m) / soi_q ; e_m] + b_q = A_q [L_m ; e_m ;
-    1]``; ``apply`` (once per chunk of samples) is then one GEMM against the shared [C, 2 + D + 1]
+    1]``; per chunk of samples the first layer is then one GEMM against the shared [C, 2 + D + 1]
     sample matrix, so no [Q, C, 2 + D] input is built (the head's own grouped-conv path would), and
-    the later layers add their bias inside the batched matmul (``baddbmm``).
-    ``tests/test_integration_adelaidet.py`` checks it against the head's
+    the later layers are batched matmuls over the queries. ``apply`` is that math in autograd's
+    hands; ``forward_chunk`` / ``backward_chunk``, the inter-scene loss's inner loop over every
+    query and memory sample, write its backward out: no graph per chunk, the ReLUs in place, and
+    the [Q, H, C] tensors in buffers reused from chunk to chunk (on a CPU, fresh allocations and
+    autograd's bookkeeping cost more there than the products themselves).
+    ``tests/test_integration_adelaidet.py`` checks both against the head's
     ``mask_heads_forward_with_coords`` on a real embedding map.
     """
 
     def __init__(self, head):
         self.head = head
-        self._scratch = _Scratch()
+        self._buffers = _Buffers()
 
     def prepare(self, queries, query_meta):
         """(A [Q, H, K], then w_k [Q, out, in] and b_k [Q, out, 1] per later layer)."""
@@ -122,15 +77,55 @@ class DynamicHeadDecode(SampleDecode):
             layers += [w.reshape(q, b.shape[1], -1), b]
         return tuple(t.contiguous() for t in layers)  # slices of the queries: copied once, not per chunk
 
-    def apply(self, prepared, embeddings, locations):
-        w0 = prepared[0]
+    def _samples(self, w0, embeddings, locations):
+        """[C, K]: the samples' columns the first layer's linear form reads, [L ; e ; 1]."""
         columns = [embeddings.to(w0.dtype), w0.new_ones(embeddings.shape[0], 1)]
         if not self.head.disable_rel_coords:
             columns.insert(0, locations.to(w0.device, w0.dtype))
-        return _DynamicMLP.apply(self._scratch, w0, torch.cat(columns, dim=1), *prepared[1:])
+        return torch.cat(columns, dim=1)
+
+    def apply(self, prepared, embeddings, locations):
+        w0, *layers = prepared
+        x = (w0 @ self._samples(w0, embeddings, locations).t())  # [Q, H, C]
+        for w, b in zip(layers[0::2], layers[1::2]):
+            x = torch.baddbmm(b, w, x.relu())
+        return x[:, 0]
+
+    @torch.no_grad()
+    def forward_chunk(self, prepared, embeddings, locations):
+        w0, *layers = prepared
+        samples = self._samples(w0, embeddings, locations)
+        (q, h, k), c = w0.shape, samples.shape[0]
+        x = self._buffers.get("x0", (q, h, c), w0)
+        torch.mm(w0.reshape(q * h, k), samples.t(), out=x.view(q * h, c))
+        hidden, weights = [], layers[0::2]
+        for i, (w, b) in enumerate(zip(weights, layers[1::2])):
+            hidden.append(x.relu_())
+            out = self._buffers.get(f"x{i + 1}", (q, w.shape[1], c), w0)
+            x = torch.baddbmm(b, w, x, out=out)
+        return x[:, 0], (prepared, samples, embeddings.requires_grad, hidden)
+
+    @torch.no_grad()
+    def backward_chunk(self, state, grad_logits):
+        (w0, *layers), samples, needs_embeddings, hidden = state
+        (q, h, k), c = w0.shape, samples.shape[0]
+        g, layer_grads = grad_logits[:, None], []  # g: d loss / d x_k, [Q, out, C]
+        for depth, (w, x) in enumerate(zip(reversed(layers[0::2]), reversed(hidden))):
+            layer_grads = [torch.bmm(g, x.transpose(1, 2)), g.sum(dim=2, keepdim=True)] + layer_grads
+            g_in = self._buffers.get(f"g{depth % 2}", (q, w.shape[2], c), g)
+            torch.bmm(w.transpose(1, 2), g, out=g_in)
+            torch.ops.aten.threshold_backward.grad_input(g_in, x, 0, grad_input=g_in)  # ReLU', in place
+            g = g_in
+        g = g.reshape(q * h, c)
+        grad_w0 = (g @ samples).reshape(q, h, k) if w0.requires_grad else None
+        grad_embeddings = None
+        if needs_embeddings:  # the embedding columns of d loss / d samples
+            first = 0 if self.head.disable_rel_coords else 2
+            grad_embeddings = (g.t() @ w0.reshape(q * h, k))[:, first : k - 1]
+        return [grad_w0, *layer_grads], grad_embeddings
 
     def release(self):
-        self._scratch.clear()
+        self._buffers.clear()
 
 
 @IUQ_ADAPTER_REGISTRY.register()

@@ -44,9 +44,18 @@ bank of the run being measured exists then. Peaks are taken on the timed batch w
 pixels (where a training run peaks), after one unmeasured step on it; the baseline's is the mean
 of a first and a last one.
 
-Also printed, to explain the ratios: seconds per image spent inside IUQ's own loss calls
-(``inter_loss``, which also forms its gradients, and ``equi_loss``'s forward) and the queries
-per step (mean).
+IUQ's share inside a step (``in-step x``). Interleaving cancels drift but not a shared machine's
+jumps, so the same cost is also measured a second way, which the machine's speed changing between
+steps does not move: after each batch's timed steps, one more step of every mode times, inside
+that step, IUQ's loss calls (forward, which also forms the inter-scene gradients) and IUQ's part
+of backward, the gradient of its losses in the captured embedding map and queries (a pass of its
+own, before the step's one backward; everything upstream of those tensors is backward work the
+base losses do anyway).
+``in-step x`` = step / (step - IUQ's seconds), summed over those steps; ``IUQ s/im`` = IUQ's
+seconds per image. It leaves out what IUQ adds outside those calls: the capture's bookkeeping,
+the views' crops, the memory's enqueue, and one addition of IUQ's gradient into the embedding
+map's (the largest: one pass over the map, a fraction of a percent of a step). Also printed:
+IUQ's queries per step (mean).
 """
 import argparse
 import copy
@@ -160,27 +169,63 @@ def child(model, args):
                                      torch.randint(10**9, 2 * 10**9, (n,), device=mem.device)), gather=False)
         return mem
 
-    def step(run, batch, seed):
-        """One training step of ``run`` on a copy of ``batch``; returns (wall seconds, process CPU
-        seconds, IUQ wall seconds)."""
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def setup(run, batch, seed):
+        """Put the trainer in ``run``'s mode; returns a fresh copy of ``batch``."""
         mode, size = run
         iuq.INTER.ENABLED, iuq.EQUI.MODE = MODES[mode]
         trainer.memory = memories[size] if size else no_memory
-        trainer._trainer._data_loader_iter_obj = iter([copy.deepcopy(batch)])
         trainer.view_rng = random.Random(seed)  # the same views in every mode
         torch.manual_seed(seed)  # the same sampled pixels and proposals
         in_iuq[0] = 0.0
-        if cuda:
-            torch.cuda.synchronize()
+        return copy.deepcopy(batch)
+
+    def step(run, batch, seed):
+        """One training step of ``run`` on a copy of ``batch``; returns (wall seconds, process CPU
+        seconds, IUQ wall seconds)."""
+        trainer._trainer._data_loader_iter_obj = iter([setup(run, batch, seed)])
+        sync()
         start, cpu = time.perf_counter(), time.process_time()
         trainer.run_step()
-        if cuda:
-            torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - start, time.process_time() - cpu, in_iuq[0]
+
+    captured = []
+    read_embeddings = trainer.read_embeddings
+    trainer.read_embeddings = lambda cap, *a: captured.append(cap) or read_embeddings(cap, *a)
+
+    def split_step(run, batch, seed):
+        """``run_step``'s work with IUQ's share of it timed inside the step: its loss calls (forward)
+        and its part of backward, d(IUQ's losses) / d(the captured embedding map and queries), timed
+        in a pass of its own before the step's one backward (everything upstream of those tensors
+        is backward work the base losses do anyway). Returns (seconds of the step without that extra
+        pass, IUQ's seconds: forward + backward)."""
+        batch = setup(run, batch, seed)
+        captured.clear()
+        sync()
+        start = time.perf_counter()
+        loss_dict, samples = trainer.forward_losses(batch)
+        sync()
+        mark = time.perf_counter()
+        cap = captured[-1]
+        own = sum(v for k, v in loss_dict.items() if k in ("loss_inter", "loss_equi"))
+        torch.autograd.grad(own, [cap.embeddings, cap.queries], retain_graph=True, allow_unused=True)
+        sync()
+        extra = time.perf_counter() - mark
+        trainer.optimizer.zero_grad()
+        sum(loss_dict.values()).backward()
+        if samples is not None:
+            trainer.memory.enqueue(samples.detach())
+        trainer.optimizer.step()
+        sync()
+        return time.perf_counter() - start - extra, in_iuq[0] + extra
 
     loader = trainer._trainer._data_loader_iter
     batches = [next(loader) for _ in range(1 + args.batches)]  # a warm-up batch, then the timed ones
-    results = {f"{m},{s}": {k: [] for k in ("seconds", "around", "iuq_seconds", "queries")} for m, s in runs}
+    results = {f"{m},{s}": {k: [] for k in ("seconds", "around", "queries", "split")} for m, s in runs}
     no_memory = PixelMemory(0)
     baseline, others = runs[0], runs[1:]
 
@@ -190,7 +235,6 @@ def child(model, args):
         seconds, cpu, iuq_seconds = step(run, batch, seed=b)
         r = results[f"{run[0]},{run[1]}"]
         r["seconds"].append(seconds)
-        r["iuq_seconds"].append(iuq_seconds)
         r["queries"] += queries
         print(f"batch {b} {run}: {seconds:.2f} s (CPU {cpu:.2f} s), IUQ {iuq_seconds:.2f} s", file=sys.stderr, flush=True)
         return seconds
@@ -215,6 +259,10 @@ def child(model, args):
                     after = timed_step(baseline, batch, b)
                     results[f"{run[0]},{run[1]}"]["around"].append((before, after))
                     before = after
+            for run in others:  # IUQ's share measured inside one step of each mode
+                seconds, own = split_step(run, batch, seed=b)
+                results[f"{run[0]},{run[1]}"]["split"].append((seconds, own))
+                print(f"batch {b} {run}, split: {seconds:.2f} s, IUQ {own:.2f} s", file=sys.stderr, flush=True)
         r = results[f"{baseline[0]},{baseline[1]}"]
         r["around"] = [(t, t) for t in r["seconds"]]
     return results
@@ -285,16 +333,18 @@ def main():
             around = [(a + b) / 2 for a, b in r["around"]]  # the mean of the baselines around each step
             ratio = sum(r["seconds"]) / sum(around)
             median = f"{statistics.median(sec / ref for sec, ref in zip(r['seconds'], around)):7.3f} {len(around):>3}"
-            iuq = sum(r["iuq_seconds"]) / (len(r["iuq_seconds"]) * IMAGES_PER_STEP)
+            split = r.get("split") or [(1.0, 0.0)]  # the baseline: no IUQ inside its steps
+            in_step = sum(t for t, _ in split) / sum(t - own for t, own in split)
+            iuq = sum(own for _, own in split) / (len(split) * IMAGES_PER_STEP)
             q = f"{sum(r['queries']) / len(r['queries']):7.0f}" if r["queries"] else f"{'-':>7}"
             size = f"{int(size) // 1000}K" if int(size) else "-"
-            rows.append(f"{model:9} {mode:9} {size:>8} | {t:8.3f} {ratio:7.3f} {median:>11} | {r['peak_bytes'] / 2**30:8.2f} "
-                        f"{r['peak_bytes'] / base['peak_bytes']:7.3f} | {iuq:8.3f} {q}")
+            rows.append(f"{model:9} {mode:9} {size:>8} | {t:8.3f} {ratio:7.3f} {median:>11} | {in_step:9.3f} {iuq:8.3f} | "
+                        f"{r['peak_bytes'] / 2**30:8.2f} {r['peak_bytes'] / base['peak_bytes']:7.3f} | {q}")
     malloc = "" if args.device.startswith("cuda") else (", system malloc" if args.system_malloc else ", caching malloc")
     print(f"\nIUQ training-step cost, device={args.device}{malloc}, {args.min_size}x<={args.max_size}, "
           f"{IMAGES_PER_STEP} images/step, {args.batches} batches x {args.rounds} rounds x every mode; peak = {unit}")
-    print(f"{'model':9} {'mode':9} {'memory':>8} | {'s/image':>8} {'time x':>7} {'median x   n':>11} | {'peak GiB':>8} {'peak x':>7}"
-          f" | {'IUQ s/im':>8} {'queries':>7}")
+    print(f"{'model':9} {'mode':9} {'memory':>8} | {'s/image':>8} {'time x':>7} {'median x   n':>11} | {'in-step x':>9} "
+          f"{'IUQ s/im':>8} | {'peak GiB':>8} {'peak x':>7} | {'queries':>7}")
     print("\n".join(rows))
 
 

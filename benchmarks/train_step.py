@@ -64,6 +64,7 @@ import gc
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -185,17 +186,14 @@ def child(model, args):
 
     def step(run, batch, seed):
         """One training step of ``run`` on a copy of ``batch``; returns (wall seconds, process CPU
-        seconds, IUQ wall seconds)."""
+        seconds, IUQ wall seconds, page faults)."""
         trainer._trainer._data_loader_iter_obj = iter([setup(run, batch, seed)])
         sync()
-        start, cpu = time.perf_counter(), time.process_time()
+        start, cpu, faults = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         trainer.run_step()
         sync()
-        return time.perf_counter() - start, time.process_time() - cpu, in_iuq[0]
-
-    captured = []
-    read_embeddings = trainer.read_embeddings
-    trainer.read_embeddings = lambda cap, *a: captured.append(cap) or read_embeddings(cap, *a)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        return time.perf_counter() - start, time.process_time() - cpu, in_iuq[0], faults
 
     def split_step(run, batch, seed):
         """``run_step``'s work with IUQ's share of it timed inside the step: its loss calls (forward)
@@ -204,13 +202,17 @@ def child(model, args):
         is backward work the base losses do anyway). Returns (seconds of the step without that extra
         pass, IUQ's seconds: forward + backward)."""
         batch = setup(run, batch, seed)
-        captured.clear()
+        captured = []  # this step's capture only: kept past the step, it would hold the step's map
+        trainer.read_embeddings = lambda cap, *a: captured.append(cap) or type(trainer).read_embeddings(cap, *a)
         sync()
         start = time.perf_counter()
-        loss_dict, samples = trainer.forward_losses(batch)
+        try:
+            loss_dict, samples = trainer.forward_losses(batch)
+        finally:
+            del trainer.read_embeddings  # the class's again
         sync()
         mark = time.perf_counter()
-        cap = captured[-1]
+        cap = captured.pop()
         own = sum(v for k, v in loss_dict.items() if k in ("loss_inter", "loss_equi"))
         torch.autograd.grad(own, [cap.embeddings, cap.queries], retain_graph=True, allow_unused=True)
         sync()
@@ -232,11 +234,12 @@ def child(model, args):
     def timed_step(run, batch, b):
         trainer.iter = b
         queries.clear()
-        seconds, cpu, iuq_seconds = step(run, batch, seed=b)
+        seconds, cpu, iuq_seconds, faults = step(run, batch, seed=b)
         r = results[f"{run[0]},{run[1]}"]
         r["seconds"].append(seconds)
         r["queries"] += queries
-        print(f"batch {b} {run}: {seconds:.2f} s (CPU {cpu:.2f} s), IUQ {iuq_seconds:.2f} s", file=sys.stderr, flush=True)
+        print(f"batch {b} {run}: {seconds:.2f} s (CPU {cpu:.2f} s, {faults} page faults), IUQ {iuq_seconds:.2f} s",
+              file=sys.stderr, flush=True)
         return seconds
 
     with EventStorage(0):

@@ -22,8 +22,9 @@ decode's width), not with Q x M.
 
 A decode may be split in two (:class:`SampleDecode`): ``prepare`` turns the queries into what the
 per-sample work needs (CondInst: its dynamic MLP's weights in linear form) once per loss, and
-``apply`` runs once per chunk on that; the chunks' gradients are summed on the prepared tensors
-and reach the queries through one backward of ``prepare``, not one per chunk.
+each chunk runs on that (``forward_chunk``, then ``backward_chunk`` with the loss's gradient in
+the logits); the chunks' gradients are summed on the prepared tensors and reach the queries
+through one backward of ``prepare``, not one per chunk.
 """
 import torch
 import torch.nn.functional as F

@@ -86,7 +86,7 @@ class DynamicHeadDecode(SampleDecode):
 
     def apply(self, prepared, embeddings, locations):
         w0, *layers = prepared
-        x = (w0 @ self._samples(w0, embeddings, locations).t())  # [Q, H, C]
+        x = w0 @ self._samples(w0, embeddings, locations).t()  # [Q, H, C]
         for w, b in zip(layers[0::2], layers[1::2]):
             x = torch.baddbmm(b, w, x.relu())
         return x[:, 0]

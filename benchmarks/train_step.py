@@ -196,34 +196,31 @@ def child(model, args):
         return time.perf_counter() - start, time.process_time() - cpu, in_iuq[0], faults
 
     def split_step(run, batch, seed):
-        """``run_step``'s work with IUQ's share of it timed inside the step: its loss calls (forward)
-        and its part of backward, d(IUQ's losses) / d(the captured embedding map and queries), timed
-        in a pass of its own before the step's one backward (everything upstream of those tensors
-        is backward work the base losses do anyway). Returns (seconds of the step without that extra
-        pass, IUQ's seconds: forward + backward)."""
-        batch = setup(run, batch, seed)
-        captured = []  # this step's capture only: kept past the step, it would hold the step's map
+        """One ``step`` of ``run`` with IUQ's share of it timed inside the step: its loss calls
+        (forward) and its part of backward, d(IUQ's losses) / d(the captured embedding map and
+        queries), timed in a pass of its own between ``forward_losses`` and the step's one backward
+        (everything upstream of those tensors is backward work the base losses do anyway). Returns
+        (seconds of the step without that extra pass, IUQ's seconds: forward + backward)."""
+        captured, extra = [], [0.0]  # this step's capture only: kept past it, it would hold its map
+
+        def forward_losses(batch):
+            loss_dict, samples = type(trainer).forward_losses(trainer, batch)
+            cap = captured.pop()
+            sync()
+            mark = time.perf_counter()
+            own = sum(v for k, v in loss_dict.items() if k in ("loss_inter", "loss_equi"))
+            torch.autograd.grad(own, [cap.embeddings, cap.queries], retain_graph=True, allow_unused=True)
+            sync()
+            extra[0] = time.perf_counter() - mark
+            return loss_dict, samples
+
         trainer.read_embeddings = lambda cap, *a: captured.append(cap) or type(trainer).read_embeddings(cap, *a)
-        sync()
-        start = time.perf_counter()
+        trainer.forward_losses = forward_losses
         try:
-            loss_dict, samples = trainer.forward_losses(batch)
+            seconds, _, iuq_seconds, _ = step(run, batch, seed)
         finally:
-            del trainer.read_embeddings  # the class's again
-        sync()
-        mark = time.perf_counter()
-        cap = captured.pop()
-        own = sum(v for k, v in loss_dict.items() if k in ("loss_inter", "loss_equi"))
-        torch.autograd.grad(own, [cap.embeddings, cap.queries], retain_graph=True, allow_unused=True)
-        sync()
-        extra = time.perf_counter() - mark
-        trainer.optimizer.zero_grad()
-        sum(loss_dict.values()).backward()
-        if samples is not None:
-            trainer.memory.enqueue(samples.detach())
-        trainer.optimizer.step()
-        sync()
-        return time.perf_counter() - start - extra, in_iuq[0] + extra
+            del trainer.read_embeddings, trainer.forward_losses  # the class's again
+        return seconds - extra[0], iuq_seconds + extra[0]
 
     loader = trainer._trainer._data_loader_iter
     batches = [next(loader) for _ in range(1 + args.batches)]  # a warm-up batch, then the timed ones

@@ -187,6 +187,7 @@ class _FusedInterLoss(torch.autograd.Function):
         bank = inputs[n:]
         total = torch.zeros((), dtype=dtype, device=query_ids.device)
         grad_prepared = [torch.zeros_like(p) if p.requires_grad else None for p in prepared]
+        prepared_needs = any(p.requires_grad for p in prepared)
         query_images = query_ids.unique()
         grad_bank = []
         for k in range(0, len(bank), 3):
@@ -204,7 +205,7 @@ class _FusedInterLoss(torch.autograd.Function):
                     value.masked_fill_(same, 0.0)
                     slope.masked_fill_(same, 0.0)
                 total += weights @ value.sum(dim=1)
-                if not (needs or any(p.requires_grad for p in prepared)):
+                if not (needs or prepared_needs):
                     continue
                 grads, grad_e = decode.backward_chunk(state, slope.mul_(weights[:, None]).to(logits.dtype))
                 for acc, g in zip(grad_prepared, grads):

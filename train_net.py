@@ -14,7 +14,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from iuq.config import get_iuq_cfg, validate_iuq_config
-from iuq.data import QUICKSTART_DATASETS, register_quickstart
+from iuq.data import is_quickstart_dataset, register_quickstart
 from iuq.models import base_model_config_errors, register_base_models
 from iuq.trainer import IUQTrainer
 
@@ -40,8 +40,9 @@ def setup(args):
     cfg.freeze()
     default_setup(cfg, args)  # logs, and writes OUTPUT_DIR/config.yaml with the overrides
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="iuq")
-    if set(QUICKSTART_DATASETS) & set(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST):
-        register_quickstart()  # drawn on first use, under $IUQ_QUICKSTART_ROOT or ./datasets
+    quickstart = [n for n in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST if is_quickstart_dataset(n)]
+    if quickstart:  # drawn on first use, under $IUQ_QUICKSTART_ROOT or ./datasets
+        register_quickstart(names=quickstart)
     return cfg
 
 

@@ -50,6 +50,23 @@ def add_iuq_config(cfg):
     # mean squared error between F^g and g(F) on the view's valid cells (the paper does not give
     # its exact form); augment: transformed images as plain augmentation, <q^g, F^g> (no L_equi).
     cfg.MODEL.IUQ.EQUI.MODE = "full"
+    # Compute-matched views. False: every image of the batch gets a view and the step trains on
+    # both, 2 x SOLVER.IMS_PER_BATCH images (about twice the baseline twin's time and activation
+    # memory per iteration, the same distinct images per iteration). True: the views count toward
+    # SOLVER.IMS_PER_BATCH: the loader reads IMS_PER_BATCH / 2 images and, with their views, a
+    # step holds IMS_PER_BATCH images, like the baseline twin's step (its time and memory per
+    # iteration), at half the distinct images per iteration (an epoch takes twice the
+    # iterations). IMS_PER_BATCH must then be divisible by 2 x the number of processes.
+    cfg.MODEL.IUQ.EQUI.VIEWS_IN_BATCH = False
+
+    # Measures of what each loss optimises (iuq.measures), computed on the test set next to
+    # COCO AP when enabled (any mode, the baseline included: needs the model's adapter).
+    cfg.MODEL.IUQ.MEASURES = CN()
+    cfg.MODEL.IUQ.MEASURES.ENABLED = False
+    cfg.MODEL.IUQ.MEASURES.SEED = 0  # the views and samples drawn (the same for every model)
+    cfg.MODEL.IUQ.MEASURES.MAX_IMAGES = 128  # held-out images measured (the first N)
+    cfg.MODEL.IUQ.MEASURES.PIXELS_PER_INSTANCE = 50  # instance pixels each image contributes
+    cfg.MODEL.IUQ.MEASURES.QUERIES_PER_INSTANCE = 4  # matched queries measured per instance
 
 
 def _fail(key, value, why):
@@ -98,7 +115,7 @@ def validate_iuq_config(cfg):
     if "IUQ" not in cfg.MODEL:
         raise ValueError("Config has no MODEL.IUQ section: call iuq.add_iuq_config(cfg) first")
     node = cfg.MODEL.IUQ
-    for key in ("ENABLED", "INTER.ENABLED", "EQUI.ENABLED"):
+    for key in ("ENABLED", "INTER.ENABLED", "EQUI.ENABLED", "EQUI.VIEWS_IN_BATCH", "MEASURES.ENABLED"):
         if not isinstance(_get(node, key), bool):
             _fail(key, _get(node, key), "must be True or False")
 
@@ -127,6 +144,9 @@ def validate_iuq_config(cfg):
     _check_range(node, "EQUI.CROP_RANGE", 0.0, 1.0, low_open=True)
     _check_range(node, "EQUI.ROTATION_RANGE", -180.0, 180.0)
     _check_range(node, "EQUI.SCALE_RANGE", 0.0, float("inf"), low_open=True)
+    _check_number(node, "MEASURES.SEED", integer=True)
+    for key in ("MEASURES.MAX_IMAGES", "MEASURES.PIXELS_PER_INSTANCE", "MEASURES.QUERIES_PER_INSTANCE"):
+        _check_number(node, key, low=0, integer=True, strict=True)
     return cfg
 
 

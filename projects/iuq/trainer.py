@@ -7,6 +7,7 @@ Nothing of IUQ lives in the model: its weights are the stock model's.
 """
 import logging
 import random
+import resource
 import time
 import zlib
 from contextlib import contextmanager, nullcontext
@@ -14,7 +15,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 from detectron2.data import DatasetMapper, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer
+from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 
@@ -68,13 +69,31 @@ class IUQTrainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         # IUQ needs instance masks whatever MODEL.MASK_ON says.
         mapper = DatasetMapper(**{**DatasetMapper.from_config(cfg, is_train=True), "use_instance_mask": True})
-        return build_detection_train_loader(cfg, mapper=mapper)
+        return build_detection_train_loader(loader_config(cfg), mapper=mapper)
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        # Before the writers (the last hook), so that each write sees the peak so far.
+        return hooks[:-1] + [PeakMemory()] + hooks[-1:]
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         from .evaluation import build_evaluator
 
         return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """detectron2's test, with the IUQ measures next to each dataset's evaluator when
+        ``MODEL.IUQ.MEASURES.ENABLED`` (they need the model, which ``build_evaluator`` is not given)."""
+        if evaluators is None and cfg.MODEL.IUQ.MEASURES.ENABLED:
+            from detectron2.evaluation import DatasetEvaluators
+
+            from .measures import IUQMeasures
+
+            evaluators = [DatasetEvaluators([cls.build_evaluator(cfg, name), IUQMeasures(cfg, model, name)])
+                          for name in cfg.DATASETS.TEST]
+        return super().test(cfg, model, evaluators)
 
     def run_step(self):
         trainer = self._trainer
@@ -205,6 +224,41 @@ class IUQTrainer(DefaultTrainer):
 
             total = total + chunked_sum(dice_sum, len(chunks), queries, moved)
         return total / len(queries) * weight
+
+
+def loader_config(cfg):
+    """``cfg`` with the images the loader reads per step: SOLVER.IMS_PER_BATCH, or half of it when
+    the views count toward it (``MODEL.IUQ.EQUI.VIEWS_IN_BATCH``: a step then holds the loaded
+    images and their views, IMS_PER_BATCH in all)."""
+    iuq = cfg.MODEL.IUQ
+    if not (iuq.ENABLED and iuq.EQUI.ENABLED and iuq.EQUI.VIEWS_IN_BATCH):
+        return cfg
+    total, world = cfg.SOLVER.IMS_PER_BATCH, comm.get_world_size()
+    if total % (2 * world):
+        raise ValueError(
+            f"MODEL.IUQ.EQUI.VIEWS_IN_BATCH True needs SOLVER.IMS_PER_BATCH ({total}) divisible by 2 x "
+            f"the number of processes ({world}): each process reads half its share and adds a view of each"
+        )
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.SOLVER.IMS_PER_BATCH = total // 2
+    cfg.freeze()
+    return cfg
+
+
+class PeakMemory(HookBase):
+    """Logs ``peak_mem_mb`` every 20 iterations: on CUDA the peak of allocated tensor memory
+    (``torch.cuda.max_memory_allocated``), on CPU the process's peak resident set (which also
+    counts the data, the code and the allocator's cache). Per process; the main one's is logged."""
+
+    def after_step(self):
+        if (self.trainer.iter + 1) % 20 and self.trainer.iter + 1 != self.trainer.max_iter:
+            return
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        self.trainer.storage.put_scalar("peak_mem_mb", peak, smoothing_hint=False)
 
 
 @contextmanager

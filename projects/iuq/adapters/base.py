@@ -124,5 +124,13 @@ def adapter_class(cfg):
 
 
 def build_adapter(cfg, model):
-    """The adapter registered under ``cfg.MODEL.META_ARCHITECTURE``, installed on ``model``."""
-    return adapter_class(cfg)(cfg, model)
+    """The adapter registered under ``cfg.MODEL.META_ARCHITECTURE``, installed on ``model``; the
+    one already installed there if any (the trainer's and the measures' share it: wrapping the
+    model's calls twice would record every forward twice)."""
+    target = model.module if hasattr(model, "module") else model
+    existing = target.__dict__.get("_iuq_adapter")
+    if existing is not None:
+        return existing
+    adapter = adapter_class(cfg)(cfg, model)
+    target.__dict__["_iuq_adapter"] = adapter  # a plain attribute: not a submodule, not in the state_dict
+    return adapter

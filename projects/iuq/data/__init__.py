@@ -8,6 +8,7 @@ from .quickstart import (
     QUICKSTART_DATASETS,
     default_quickstart_root,
     generate_quickstart,
+    is_quickstart_dataset,
     register_quickstart,
     render_quickstart_image,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "QUICKSTART_DATASETS",
     "default_quickstart_root",
     "generate_quickstart",
+    "is_quickstart_dataset",
     "register_quickstart",
     "render_quickstart_image",
     *_SUBMISSION_NAMES,

@@ -22,6 +22,7 @@ as well as with ``bitmask``.
 import json
 import logging
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -29,6 +30,7 @@ import numpy as np
 __all__ = [
     "QUICKSTART_CATEGORIES",
     "QUICKSTART_DATASETS",
+    "is_quickstart_dataset",
     "default_quickstart_root",
     "render_quickstart_image",
     "generate_quickstart",
@@ -48,6 +50,10 @@ QUICKSTART_CATEGORIES = [
 ]
 # name -> split
 QUICKSTART_DATASETS = {"iuq_quickstart_train": "train", "iuq_quickstart_val": "val"}
+DEFAULT_SPLIT_SIZES = {"train": 64, "val": 16}
+# Other sizes by name: iuq_quickstart_train_256, iuq_quickstart_val_128, ... (N images; image k
+# is the same image in every size, so a larger split extends a smaller one).
+_SIZED_NAME = re.compile(r"^iuq_quickstart_(train|val)_([1-9][0-9]*)$")
 
 # Val ids are offset so that no val image shares an id with a train image (IUQ's memory keys
 # its samples by image id).
@@ -328,12 +334,13 @@ def _is_current(json_file, info, image_dir):
     return all(os.path.isfile(os.path.join(image_dir, im["file_name"])) for im in data["images"])
 
 
-def _generate_split(root, seed, split, num_images, image_size):
+def _generate_split(root, seed, split, num_images, image_size, tag=None):
     from PIL import Image
     from pycocotools import mask as mask_util
 
-    image_dir = os.path.join(root, split)
-    json_file = os.path.join(root, "annotations", f"quickstart_{split}.json")
+    tag = tag or split
+    image_dir = os.path.join(root, tag)
+    json_file = os.path.join(root, "annotations", f"quickstart_{tag}.json")
     info = _split_info(seed, split, num_images, image_size)
     if _is_current(json_file, info, image_dir):
         return json_file, image_dir
@@ -391,11 +398,32 @@ def generate_quickstart(root=None, seed=0, num_train=64, num_val=16, image_size=
     return {split: _generate_split(root, seed, split, n, image_size) for split, n in counts.items()}
 
 
-def register_quickstart(root=None):
-    """Generate (if needed) and register ``iuq_quickstart_train`` / ``iuq_quickstart_val``.
+def is_quickstart_dataset(name):
+    """Whether ``name`` is a quickstart split: ``iuq_quickstart_{train,val}`` (the default sizes,
+    64 / 16 images) or ``iuq_quickstart_{train,val}_N`` (N images)."""
+    return name in QUICKSTART_DATASETS or _SIZED_NAME.match(name) is not None
+
+
+def _split_of(name):
+    """(split, number of images, tag of its files) of a quickstart dataset name."""
+    if name in QUICKSTART_DATASETS:
+        split = QUICKSTART_DATASETS[name]
+        return split, DEFAULT_SPLIT_SIZES[split], split
+    match = _SIZED_NAME.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a quickstart dataset (iuq_quickstart_train, iuq_quickstart_val, "
+                         "or iuq_quickstart_train_N / iuq_quickstart_val_N for N images)")
+    split, n = match.group(1), int(match.group(2))
+    return split, n, f"{split}_{n}"
+
+
+def register_quickstart(root=None, names=None, seed=0):
+    """Generate (if needed) and register quickstart datasets: ``iuq_quickstart_train`` /
+    ``iuq_quickstart_val`` by default, or the given ``names`` (sized ones included, see
+    :func:`is_quickstart_dataset`).
 
     Registered with detectron2's ``register_coco_instances``, so ``COCOEvaluator`` works on the
-    val split. Calling it again with the same root is a no-op; with another root, the two names
+    val splits. Calling it again with the same root is a no-op; with another root, the names
     are re-registered to point there.
 
     Returns:
@@ -404,19 +432,21 @@ def register_quickstart(root=None):
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
 
-    paths = generate_quickstart(root)
+    root = root or default_quickstart_root()
+    names = list(names) if names is not None else list(QUICKSTART_DATASETS)
     metadata = {
         "thing_classes": [c["name"] for c in QUICKSTART_CATEGORIES],
         # Set here (load_coco_json would set the same on first load) so evaluators and
         # visualisers see it before the dataset is ever loaded.
         "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(QUICKSTART_CATEGORIES)},
     }
-    for name, split in QUICKSTART_DATASETS.items():
-        json_file, image_root = paths[split]
+    for name in names:
+        split, num_images, tag = _split_of(name)
+        json_file, image_root = _generate_split(root, seed, split, num_images, (192, 256), tag=tag)
         if name in DatasetCatalog.list():
             if MetadataCatalog.get(name).get("json_file") == json_file:
                 continue
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
         register_coco_instances(name, metadata, json_file, image_root)
-    return list(QUICKSTART_DATASETS)
+    return names

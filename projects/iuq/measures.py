@@ -1,0 +1,279 @@
+"""Measures of what each IUQ loss optimises, on held-out images, for any model with an adapter
+(the baseline's too): a detectron2 ``DatasetEvaluator`` that ``--eval-only`` and the periodic /
+final evaluation run next to COCO AP when ``MODEL.IUQ.MEASURES.ENABLED`` is True.
+
+- Cross-scene false activation (what ``L_inter`` drives to zero): for the queries the model
+  matches to ground-truth instances on held-out images (its own assignment, from a training-mode
+  forward with frozen normalisation statistics), the mean probability sigmoid(<q, F'>) they give
+  to instance pixels of *other* held-out images (``cross_fa``) and the fraction of those
+  (query, pixel) pairs above 0.5 (``cross_fa_frac``); beside them the same on the pixels of the
+  *other instances of the query's own image* (``own_fa``, ``own_fa_frac``: what the base mask loss
+  already trains).
+- Equivariance (what ``L_equi`` drives): for one view g(I) per image (flip / crop drawn from
+  ``MEASURES.SEED``, as the training views are), the relative error
+  ||f(g(I)) - g(f(I))|| / ||g(f(I))|| of the embedding map on the view's valid cells
+  (``equi_rel_err``, mean over views), and the dice between <q^g, g(F)> thresholded at 0.5 and the
+  view's ground truth g(M) (``equi_dice``, mean over the view's matched queries); beside it the
+  dice of the same queries on the view's own map, <q^g, F^g> (``view_dice``).
+
+The arithmetic is in small functions of plain tensors (``tests/test_measures.py`` pins each on
+inputs whose answer is known by hand); :class:`IUQMeasures` runs the model and feeds them.
+"""
+import logging
+import random
+from contextlib import contextmanager
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def false_activation(logits, include):
+    """(sum of sigmoid(logits), count above 0.5, number of pairs) over the entries where the bool
+    mask ``include`` [Q, C] is True; ``logits`` [Q, C]."""
+    p = torch.sigmoid(logits.float())
+    return float(p[include].sum()), int((p[include] > 0.5).sum()), int(include.sum())
+
+
+def relative_error(actual, expected):
+    """||actual - expected|| / ||expected|| (Frobenius norms; nan if ``expected`` is all zero)."""
+    denominator = float(expected.float().norm())
+    if denominator == 0.0:
+        return float("nan")
+    return float((actual.float() - expected.float()).norm()) / denominator
+
+
+def hard_dice(logits, targets):
+    """Per row, the dice 2|P & T| / (|P| + |T|) of P = logits > 0 (probability > 0.5) and
+    T = targets > 0.5, both [Q, H, W]; 1 where both are empty. Returns [Q]."""
+    pred = (logits > 0).flatten(1).float()
+    true = (targets > 0.5).flatten(1).float()
+    inter = (pred * true).sum(1)
+    total = pred.sum(1) + true.sum(1)
+    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+
+
+def assign_instances(targets, instance_masks):
+    """The instance each query's target mask is (the one of highest IoU): ``targets`` [Q, H, W],
+    ``instance_masks`` [N, H, W] on the same grid. Returns [Q] int64 (-1 when no instance overlaps).
+    Adapter-independent: CondInst's targets are rows of the image's masks, SOLOv2's are copies."""
+    if len(instance_masks) == 0 or len(targets) == 0:
+        return torch.full((len(targets),), -1, dtype=torch.long)
+    t = (targets > 0.5).flatten(1).float()
+    m = instance_masks.flatten(1).float()
+    inter = t @ m.t()
+    union = t.sum(1, keepdim=True) + m.sum(1)[None] - inter
+    iou = inter / union.clamp(min=1)
+    best, index = iou.max(dim=1)
+    return torch.where(best > 0, index, torch.full_like(index, -1))
+
+
+def pick_per_group(groups, k, generator=None):
+    """Indices of up to ``k`` random members of each group (``groups`` [Q] int64; negative = none),
+    sorted."""
+    order = torch.randperm(len(groups), generator=generator)
+    taken, keep = {}, []
+    for i in order.tolist():
+        g = int(groups[i])
+        if g < 0 or taken.get(g, 0) >= k:
+            continue
+        taken[g] = taken.get(g, 0) + 1
+        keep.append(i)
+    return torch.tensor(sorted(keep), dtype=torch.long)
+
+
+def sample_instance_pixels(instance_masks, k, generator=None):
+    """Up to ``k`` random cells of each instance mask [N, H, W] (bool): (instance index [M],
+    flat cell index [M])."""
+    owners, cells = [], []
+    for n, m in enumerate(instance_masks):
+        where = m.flatten().nonzero()[:, 0]
+        chosen = where[torch.randperm(len(where), generator=generator)[:k]]
+        owners.append(torch.full((len(chosen),), n, dtype=torch.long))
+        cells.append(chosen)
+    if not owners:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(owners), torch.cat(cells)
+
+
+class _Accumulator:
+    def __init__(self):
+        self.sums = {}
+
+    def add(self, name, total, count):
+        s = self.sums.setdefault(name, [0.0, 0])
+        s[0] += total
+        s[1] += count
+
+    def mean(self, name):
+        total, count = self.sums.get(name, (0.0, 0))
+        return total / count if count else float("nan")
+
+
+@contextmanager
+def training_forward_with_frozen_statistics(model):
+    """The model in training mode (its loss path, hence its own matching) but every normalisation
+    layer in eval mode (running statistics, no update), gradients off; modes restored after."""
+    modes = {m: m.training for m in model.modules()}
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase):
+            m.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+try:  # the functions above need no detectron2; the evaluator does
+    from detectron2.evaluation import DatasetEvaluator
+except ImportError:  # pragma: no cover - exercised on machines without detectron2
+    DatasetEvaluator = object
+
+
+class IUQMeasures(DatasetEvaluator):
+    """The measures of the module docstring on the first ``MEASURES.MAX_IMAGES`` annotated images
+    of ``dataset_name``, resized as at test time. Runs its own forwards in ``evaluate`` (it needs
+    the ground truth and the model's matching, which inference does not give), on every process
+    alike (the models' losses synchronise across processes); the main process returns them as
+    ``{"iuq": {...}}``."""
+
+    BATCH = 4
+
+    def __init__(self, cfg, model, dataset_name):
+        from .adapters import build_adapter
+
+        self.cfg, self.dataset_name = cfg, dataset_name
+        self.model = model.module if hasattr(model, "module") else model
+        self.adapter = build_adapter(cfg, self.model)  # the trainer's own, if it has one
+        self.pixel_mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1)
+
+    def reset(self):
+        pass
+
+    def process(self, inputs, outputs):
+        pass  # measured in evaluate(), from forwards of its own
+
+    def _loader(self):
+        from detectron2.data import DatasetCatalog, DatasetMapper
+        from detectron2.data import transforms as T
+
+        cfg, m = self.cfg, self.cfg.MODEL.IUQ.MEASURES
+        dicts = [d for d in DatasetCatalog.get(self.dataset_name) if d.get("annotations")][: m.MAX_IMAGES]
+        if not dicts:
+            raise ValueError(f"MODEL.IUQ.MEASURES: dataset {self.dataset_name!r} has no annotated image to measure on")
+        mapper = DatasetMapper(
+            is_train=True,
+            augmentations=[T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)],
+            image_format=cfg.INPUT.FORMAT,
+            use_instance_mask=True,
+            instance_mask_format=cfg.INPUT.MASK_FORMAT,
+        )
+        for s in range(0, len(dicts), self.BATCH):
+            batch = [mapper(d) for d in dicts[s : s + self.BATCH]]
+            yield [d for d in batch if len(d["instances"]) > 0]
+
+    def evaluate(self):
+        from detectron2.utils import comm
+
+        from .views import add_views
+
+        m_cfg = self.cfg.MODEL.IUQ.MEASURES
+        gen = torch.Generator().manual_seed(m_cfg.SEED)
+        rng = random.Random(m_cfg.SEED)
+        acc = _Accumulator()
+        queries, metas, q_image, samples_e, samples_loc, s_image = [], [], [], [], [], []
+        adapter, image_offset = self.adapter, 0
+        with training_forward_with_frozen_statistics(self.model):
+            for batch in self._loader():
+                if not batch:
+                    continue
+                n = len(batch)
+                full, views = add_views(batch, adapter.stride, self.cfg.MODEL.IUQ.EQUI, self.pixel_mean, rng)
+                with adapter.capture() as cap:
+                    self.model(full)
+                self._measure_batch(cap, full, views, n, image_offset, gen, acc,
+                                    (queries, metas, q_image, samples_e, samples_loc, s_image))
+                image_offset += n
+        self._cross_scene(queries, metas, q_image, samples_e, samples_loc, s_image, acc)
+        if not comm.is_main_process():
+            return {}
+        names = ["cross_fa", "cross_fa_frac", "own_fa", "own_fa_frac", "equi_rel_err", "equi_dice", "view_dice"]
+        result = {name: acc.mean(name) for name in names}
+        result["images"] = image_offset
+        logger.info(f"IUQ measures on {self.dataset_name}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        return {"iuq": result}
+
+    def _measure_batch(self, cap, batch, views, n, image_offset, gen, acc, store):
+        from .equivariance import valid_cells
+        from .samples import grid_locations
+        from .trainer import masks_on_grid
+        from .views import instance_bitmasks
+
+        queries, metas, q_image, samples_e, samples_loc, s_image = store
+        adapter, k_q = self.adapter, self.cfg.MODEL.IUQ.MEASURES.QUERIES_PER_INSTANCE
+        emb = cap.embeddings.float()
+        grid_h, grid_w = emb.shape[-2:]
+        locations = grid_locations(grid_h, grid_w, cap.stride, emb.device)
+        mask_grid = cap.gt_masks.shape[-2:]
+        for i in range(n):
+            d = batch[i]
+            inst = instance_bitmasks(d["instances"], tuple(d["image"].shape[-2:]))
+            on_masks = masks_on_grid(inst, mask_grid, cap.mask_stride).to(emb.device)
+            on_emb = masks_on_grid(inst, (grid_h, grid_w), cap.stride).to(emb.device)
+            mine = (cap.query_images == i).nonzero(as_tuple=True)[0]
+            targets = cap.gt_masks[cap.gt_index[mine]]
+            owner = assign_instances(targets, on_masks)
+            pick = pick_per_group(owner, k_q, gen)
+            chosen, chosen_owner = mine[pick], owner[pick]
+            s_owner, s_cell = sample_instance_pixels(on_emb, self.cfg.MODEL.IUQ.MEASURES.PIXELS_PER_INSTANCE, gen)
+            e = emb[i].flatten(1)[:, s_cell].t()  # [M, D]
+            loc = locations[s_cell]
+            meta = {key: v[chosen] for key, v in cap.query_meta.items()}
+            q = cap.queries[chosen].float()
+            if len(q) and len(e):
+                logits = adapter.decode_samples(q, meta, e, loc)
+                total, above, count = false_activation(logits, chosen_owner[:, None] != s_owner[None, :])
+                acc.add("own_fa", total, count)
+                acc.add("own_fa_frac", above, count)
+            queries.append(q.cpu())
+            metas.append({key: v.cpu() for key, v in meta.items()})
+            q_image.append(torch.full((len(q),), image_offset + i, dtype=torch.long))
+            samples_e.append(e.cpu())
+            samples_loc.append(loc.cpu())
+            s_image.append(torch.full((len(e),), image_offset + i, dtype=torch.long))
+        s = cap.stride
+        for k, v in enumerate(views):
+            (hc, wc), (hv, wv) = valid_cells(v.g.in_size, s), valid_cells(v.g.out_size, s)
+            moved = v.g.apply_features(emb[v.source, :, :hc, :wc])
+            own = emb[n + k, :, :hv, :wv]
+            acc.add("equi_rel_err", relative_error(own, moved), 1)
+            idx = (cap.query_images == n + k).nonzero(as_tuple=True)[0]
+            if len(idx) == 0:
+                continue
+            hm, wm = valid_cells(v.g.out_size, cap.mask_stride)
+            meta = {key: val[idx] for key, val in cap.query_meta.items()}
+            zeros = torch.zeros_like(idx)
+            target = cap.gt_masks[cap.gt_index[idx]][:, :hm, :wm]
+            on_moved = adapter.decode_map(cap.queries[idx], meta, zeros, moved[None])[:, :hm, :wm]
+            on_own = adapter.decode_map(cap.queries[idx], meta, zeros, own[None])[:, :hm, :wm]
+            acc.add("equi_dice", float(hard_dice(on_moved, target).sum()), len(idx))
+            acc.add("view_dice", float(hard_dice(on_own, target).sum()), len(idx))
+
+    def _cross_scene(self, queries, metas, q_image, samples_e, samples_loc, s_image, acc, chunk=4096):
+        if not queries:
+            return
+        q = torch.cat(queries)
+        meta = {key: torch.cat([m[key] for m in metas]) for key in metas[0]}
+        qi, e, loc, si = torch.cat(q_image), torch.cat(samples_e), torch.cat(samples_loc), torch.cat(s_image)
+        if len(q) == 0 or len(e) == 0:
+            return
+        device = self.adapter.model.device if hasattr(self.adapter.model, "device") else "cpu"
+        q, meta = q.to(device), {k: v.to(device) for k, v in meta.items()}
+        for s in range(0, len(e), chunk):
+            logits = self.adapter.decode_samples(q, meta, e[s : s + chunk].to(device), loc[s : s + chunk].to(device))
+            total, above, count = false_activation(logits.cpu(), qi[:, None] != si[None, s : s + chunk])
+            acc.add("cross_fa", total, count)
+            acc.add("cross_fa_frac", above, count)

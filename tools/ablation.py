@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Run the paper's ablation for any config: every (mode, seed) trained and evaluated through this
+project's ``train_net.py``, one row per finished run in ``DIR/results.jsonl``, then the table
+(mean ± std over seeds, paired differences to ``baseline`` and ``augment`` with 95% confidence
+intervals) and ``DIR/ablation.png``.
+
+    python tools/ablation.py --config-file configs/quickstart.yaml \\
+        --modes baseline augment inter equi both both_matched --seeds 0 1 2 --output-dir output/ablation
+    python tools/ablation.py --config-file configs/IUQ/CondInst/MS_R_50_1x.yaml --num-gpus 8 \\
+        --modes baseline both --seeds 0 1 --output-dir output/condinst_r50 SOLVER.MAX_ITER 20000
+    python tools/ablation.py ... --sweep MODEL.IUQ.MEMORY.SIZE 0 1000 10000    # Tables 4a-c, 4e
+    python tools/ablation.py ... --report              # the table and figure of what has finished
+
+Modes (``--list-modes`` prints them): baseline, augment, feature, inter, equi, both, and the
+compute-matched ``augment_matched`` / ``equi_matched`` / ``both_matched`` (the views count toward
+SOLVER.IMS_PER_BATCH: a step holds as many images as the baseline's).
+
+A run is identified by its variant, its seed and the study's fingerprint (the config file's
+content, the common overrides, the number of GPUs): one already in results.jsonl is skipped, so a
+study can be stopped and resumed, or spread over machines sharing the output directory. A run
+killed midway resumes from its last checkpoint (``--resume``). The same SEED gives the same
+initialisation and data order in every mode. Every run also computes the IUQ measures
+(``MODEL.IUQ.MEASURES``: cross-scene false activation, equivariance error) unless
+``--no-measures``.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "projects"))  # `iuq` without installing (study needs no detectron2)
+
+from iuq import study  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--config-file")
+    parser.add_argument("--modes", nargs="+", default=["baseline", "augment", "inter", "equi", "both"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--output-dir")
+    parser.add_argument("--num-gpus", type=int, default=1)
+    parser.add_argument("--sweep", nargs="+", metavar=("KEY", "VALUE"),
+                        help="run every mode at each value of one config key")
+    parser.add_argument("--no-measures", action="store_true", help="COCO AP only (no MODEL.IUQ.MEASURES)")
+    parser.add_argument("--report", action="store_true", help="print the table and draw the figure, run nothing")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do")
+    parser.add_argument("--list-modes", action="store_true")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="overrides for every run: KEY VALUE or KEY=VALUE")
+    args = parser.parse_args(argv)
+    if args.list_modes:
+        return args
+    for flag in ("config_file", "output_dir"):
+        if getattr(args, flag) is None:
+            parser.error(f"--{flag.replace('_', '-')} is required")
+    if args.sweep is not None and len(args.sweep) < 2:
+        parser.error("--sweep needs a config key and at least one value")
+    if not os.path.isfile(args.config_file):
+        parser.error(f"--config-file {args.config_file}: no such file")
+    return args
+
+
+def common_overrides(args):
+    opts = [o for o in args.opts if o != "--"]
+    if not args.no_measures:
+        opts += ["MODEL.IUQ.MEASURES.ENABLED", "True"]
+    return opts
+
+
+def command(args, run, output_dir, resume):
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", args.config_file,
+           "--num-gpus", str(args.num_gpus)] + ["--resume"] * resume
+    return cmd + common_overrides(args) + run.overrides + ["SEED", str(run.seed), "OUTPUT_DIR", output_dir]
+
+
+def images_per_iter(output_dir):
+    """Images a training step holds, from the run's own config.yaml (views included)."""
+    import yaml
+
+    with open(os.path.join(output_dir, "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    n = cfg["SOLVER"]["IMS_PER_BATCH"]
+    iuq = cfg["MODEL"].get("IUQ", {})
+    views = iuq.get("ENABLED") and iuq.get("EQUI", {}).get("ENABLED")
+    if views and not iuq["EQUI"].get("VIEWS_IN_BATCH", False):
+        return 2 * n
+    return n
+
+
+def _eta(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.list_modes:
+        for name, (doc, opts) in study.MODES.items():
+            print(f"{name:16s} {doc}\n{'':16s} {' '.join(opts)}")
+        return 0
+    sweep = (args.sweep[0], args.sweep[1:]) if args.sweep else None
+    runs = study.plan_runs(args.modes, args.seeds, sweep)
+    results = os.path.join(args.output_dir, "results.jsonl")
+    fingerprint = study.study_fingerprint(args.config_file, common_overrides(args), args.num_gpus)
+    done = study.done_keys(study.load_results(results), fingerprint)
+    todo = [r for r in runs if r.key not in done]
+    failed = []
+    if not args.report:
+        print(f"[ablation] study {fingerprint}: {len(runs)} runs, {len(runs) - len(todo)} already in {results}, "
+              f"{len(todo)} to do", flush=True)
+        walls = {}
+        for i, run in enumerate(todo):
+            out = os.path.join(args.output_dir, "runs", run.variant, f"seed{run.seed}")
+            resume = os.path.exists(os.path.join(out, "last_checkpoint"))
+            cmd = command(args, run, out, resume)
+            if args.dry_run:
+                print(" ".join(cmd))
+                continue
+            os.makedirs(out, exist_ok=True)
+            start = time.time()
+            with open(os.path.join(out, "log.txt"), "a") as log:
+                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            wall = time.time() - start
+            if rc != 0:
+                failed.append(run.key)
+                print(f"[ablation] {i + 1}/{len(todo)} {run.key} FAILED (exit {rc}); see {out}/log.txt", flush=True)
+                continue
+            info = study.read_run(out)
+            row = {"study": fingerprint, "variant": run.variant, "mode": run.mode, "seed": run.seed,
+                   "sweep": list(run.sweep) if run.sweep else None, "config_file": args.config_file,
+                   "overrides": common_overrides(args) + run.overrides, "output_dir": out, "wall_s": round(wall, 1),
+                   "images_per_iter": images_per_iter(out), **info}
+            study.append_result(results, row)
+            walls.setdefault(run.mode, []).append(wall)
+            left = todo[i + 1:]
+            mean_all = sum(sum(w) for w in walls.values()) / sum(len(w) for w in walls.values())
+            eta = sum(sum(walls[r.mode]) / len(walls[r.mode]) if r.mode in walls else mean_all for r in left)
+            ap = study.value_of(row, "segm/AP")
+            print(f"[ablation] {i + 1}/{len(todo)} {run.key}: segm AP {ap if ap is None else round(ap, 2)}, "
+                  f"{wall:.0f} s, {info['sec_per_iter']} s/iter; ETA {_eta(eta)}", flush=True)
+    if args.dry_run:
+        return 0
+    rows = study.load_results(results)
+    summaries = study.summarise(rows, fingerprint)
+    if not summaries:
+        print("[ablation] no finished run yet")
+        return 1 if failed else 0
+    print(study.format_table(summaries))
+    figure = os.path.join(args.output_dir, "ablation.png")
+    study.plot_study(rows, summaries, figure, fingerprint)
+    print(f"[ablation] figure: {figure}")
+    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+        json.dump([{"variant": s.variant, "mode": s.mode, "seeds": s.seeds, "stats": s.stats,
+                    "diffs": {f"{ref} {m}": d for (ref, m), d in s.diffs.items()}} for s in summaries], f, indent=1)
+    if failed:
+        print(f"[ablation] {len(failed)} run(s) failed: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

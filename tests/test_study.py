@@ -100,13 +100,14 @@ def test_fingerprint_changes_with_the_config_and_the_overrides(tmp_path):
 def test_read_run_takes_the_last_evaluation_the_median_time_past_warmup_and_the_curves(tmp_path):
     lines = [{"iteration": i, "time": 10.0 if i < 10 else 1.0 + (i % 3), "loss_mask": 1.0 / (i + 1),
               "loss_inter": 0.1, "peak_mem_mb": 100.0 + i} for i in range(0, 100, 5)]
-    lines.append({"iteration": 99, "segm/AP": 12.5, "segm/AP50": 30.0, "iuq/cross_fa": 0.01})
+    lines.append({"iteration": 95, "time": 2.0, "total_loss": 1.0})
+    lines.append({"iteration": 100, "segm/AP": 12.5, "segm/AP50": 30.0, "iuq/cross_fa": 0.01})
     (tmp_path / "metrics.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     info = study.read_run(str(tmp_path))
     assert info["metrics"] == {"segm/AP": 12.5, "segm/AP50": 30.0, "iuq/cross_fa": 0.01}
-    times = sorted(1.0 + (i % 3) for i in range(10, 100, 5))  # iterations >= 10% of 99
+    times = sorted([1.0 + (i % 3) for i in range(10, 100, 5)] + [2.0])  # iterations >= 10% of 95
     assert info["sec_per_iter"] == times[len(times) // 2]
-    assert info["peak_mem_mb"] == 195.0 and info["iters"] == 100
+    assert info["peak_mem_mb"] == 195.0 and info["iters"] == 96
     assert info["curves"]["iteration"][:2] == [0, 5] and info["curves"]["loss_mask"][1] == pytest.approx(1 / 6)
     assert "loss_equi" not in info["curves"]
     with pytest.raises(FileNotFoundError, match="metrics.json"):

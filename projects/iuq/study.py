@@ -302,7 +302,8 @@ def read_run(output_dir, warmup_fraction=0.1):
             except json.JSONDecodeError:
                 continue
     metrics, times, peaks, curves = {}, [], [], defaultdict(list)
-    last_iter = max((e.get("iteration", 0) for e in entries), default=0)
+    # The last training iteration (the final evaluation is written one past it, at MAX_ITER).
+    last_iter = max((e.get("iteration", 0) for e in entries if "time" in e or "total_loss" in e), default=-1)
     for e in entries:
         for k, v in e.items():
             if k.startswith(("segm/", "bbox/", "iuq/")):
@@ -320,7 +321,7 @@ def read_run(output_dir, warmup_fraction=0.1):
         "metrics": metrics,
         "sec_per_iter": _median(times),
         "peak_mem_mb": max(peaks) if peaks else None,
-        "iters": last_iter + 1 if entries else 0,
+        "iters": last_iter + 1,
         "curves": curves,
     }
 

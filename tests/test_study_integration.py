@@ -42,14 +42,21 @@ def test_ablation_runner_trains_evaluates_resumes_and_prints_its_table(tmp_path,
     assert again.returncode == 0 and "2 already in" in again.stdout and "0 to do" in again.stdout
 
 
-def test_measures_under_eval_only_and_an_identity_view_is_exactly_equivariant(tmp_path, env):
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, env):
+    """A baseline quickstart model after 3 iterations."""
+    out = tmp_path_factory.mktemp("trained")
+    train = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(REPO / "configs" / "quickstart.yaml"),
+             "OUTPUT_DIR", str(out), "MODEL.IUQ.ENABLED", "False", "DATASETS.TEST", "()"] + QUICK
+    subprocess.run(train, check=True, capture_output=True, env=env, cwd=out, timeout=600)
+    return out / "model_final.pth"
+
+
+def test_measures_under_eval_only_and_an_identity_view_is_exactly_equivariant(tmp_path, env, weights):
     """With the identity as the only transform (a crop of the whole image), g(f(I)) is f(I) itself:
     the equivariance error is 0 and <q^g, g(F)> scores as <q^g, F^g>."""
-    train = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(REPO / "configs" / "quickstart.yaml"),
-             "OUTPUT_DIR", str(tmp_path / "train"), "MODEL.IUQ.ENABLED", "False"] + QUICK
-    subprocess.run(train, check=True, capture_output=True, env=env, cwd=tmp_path, timeout=600)
     evaluate = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(REPO / "configs" / "quickstart.yaml"),
-                "--eval-only", "MODEL.WEIGHTS", str(tmp_path / "train" / "model_final.pth"), "OUTPUT_DIR",
+                "--eval-only", "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR",
                 str(tmp_path / "eval"), "MODEL.IUQ.MEASURES.ENABLED", "True", "MODEL.IUQ.EQUI.TRANSFORMS", "('crop',)",
                 "MODEL.IUQ.EQUI.CROP_RANGE", "(1.0, 1.0)", "MODEL.FCOS.INFERENCE_TH_TEST", "0.0"] + QUICK
     run = subprocess.run(evaluate, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
@@ -68,3 +75,16 @@ def test_views_in_batch_needs_an_even_batch(tmp_path, env):
            "OUTPUT_DIR", str(tmp_path), "MODEL.IUQ.EQUI.VIEWS_IN_BATCH", "True", "SOLVER.IMS_PER_BATCH", "3"] + QUICK
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert run.returncode != 0 and "SOLVER.IMS_PER_BATCH (3) divisible by 2" in run.stderr
+
+
+def test_visualize_draws_predictions_and_cross_image_responses(tmp_path, env, weights):
+    cmd = [sys.executable, str(REPO / "tools" / "visualize.py"), "--config-file", str(REPO / "configs" / "quickstart.yaml"),
+           "--weights", str(weights), "--weights-b", str(weights), "--names", "a", "b", "--num-images", "3",
+           "--output-dir", str(tmp_path / "vis"), "OUTPUT_DIR", str(tmp_path / "out")]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("predictions.png", "responses_a.png", "responses_b.png"):
+        assert (tmp_path / "vis" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = subprocess.run(cmd[:5] + [str(tmp_path / "none.pth"), "--output-dir", str(tmp_path / "v2")],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert missing.returncode != 0 and "none.pth does not exist" in missing.stderr

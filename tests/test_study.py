@@ -95,6 +95,13 @@ def test_fingerprint_changes_with_the_config_and_the_overrides(tmp_path):
     assert a != study.study_fingerprint(str(cfg), ["SOLVER.BASE_LR", "0.1"], num_gpus=8)
     cfg.write_text("SOLVER:\n  MAX_ITER: 20\n")
     assert a != study.study_fingerprint(str(cfg), ["SOLVER.BASE_LR", "0.1"])
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text('_BASE_: "../a.yaml"\n')
+    b = study.study_fingerprint(str(child), [])
+    cfg.write_text("SOLVER:\n  MAX_ITER: 30\n")  # a change in the base changes the child's study
+    assert b != study.study_fingerprint(str(child), [])
+    assert study.config_files(str(child)) == [str(child), str(cfg)]
 
 
 def test_read_run_takes_the_last_evaluation_the_median_time_past_warmup_and_the_curves(tmp_path):

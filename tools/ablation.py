@@ -36,6 +36,17 @@ sys.path.insert(0, os.path.join(REPO, "projects"))  # `iuq` without installing (
 from iuq import study  # noqa: E402
 
 
+def _commit():
+    try:
+        return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+COMMIT = _commit()  # the code a run trained with (the study's fingerprint covers the configs only)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -46,6 +57,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-gpus", type=int, default=1)
     parser.add_argument("--sweep", nargs="+", metavar=("KEY", "VALUE"),
                         help="run every mode at each value of one config key")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once on this machine (each with cores / jobs threads)")
     parser.add_argument("--no-measures", action="store_true", help="COCO AP only (no MODEL.IUQ.MEASURES)")
     parser.add_argument("--report", action="store_true", help="print the table and draw the figure, run nothing")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do")
@@ -91,6 +104,51 @@ def images_per_iter(output_dir):
     return n
 
 
+def run_dir(args, run):
+    return os.path.join(args.output_dir, "runs", run.variant, f"seed{run.seed}")
+
+
+def run_all(args, todo, results, fingerprint):
+    """Train and evaluate ``todo``, ``args.jobs`` at a time (each with cores / jobs threads);
+    append each finished run's row at once. Returns the keys of the runs that failed."""
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads))) if args.jobs > 1 else None
+    pending, running, failed, walls, finished = list(todo), {}, [], {}, 0
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            run = pending.pop(0)
+            out = run_dir(args, run)
+            resume = os.path.exists(os.path.join(out, "last_checkpoint"))  # a run killed midway goes on
+            os.makedirs(out, exist_ok=True)
+            log = open(os.path.join(out, "log.txt"), "a")
+            proc = subprocess.Popen(command(args, run, out, resume), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+            running[proc] = (run, out, log, time.time())
+        time.sleep(1.0)
+        for proc in [p for p in running if p.poll() is not None]:
+            run, out, log, start = running.pop(proc)
+            log.close()
+            wall, finished = time.time() - start, finished + 1
+            if proc.returncode != 0:
+                failed.append(run.key)
+                print(f"[ablation] {finished}/{len(todo)} {run.key} FAILED (exit {proc.returncode}); see {out}/log.txt",
+                      flush=True)
+                continue
+            info = study.read_run(out)
+            row = {"study": fingerprint, "commit": COMMIT, "variant": run.variant, "mode": run.mode, "seed": run.seed,
+                   "sweep": list(run.sweep) if run.sweep else None, "config_file": args.config_file,
+                   "overrides": common_overrides(args) + run.overrides, "output_dir": out, "wall_s": round(wall, 1),
+                   "images_per_iter": images_per_iter(out), **info}
+            study.append_result(results, row)
+            walls.setdefault(run.mode, []).append(wall)
+            mean_all = sum(sum(w) for w in walls.values()) / sum(len(w) for w in walls.values())
+            left = pending + [r for r, *_ in running.values()]
+            eta = sum(sum(walls[r.mode]) / len(walls[r.mode]) if r.mode in walls else mean_all for r in left) / args.jobs
+            ap = study.value_of(row, "segm/AP")
+            print(f"[ablation] {finished}/{len(todo)} {run.key}: segm AP {ap if ap is None else round(ap, 2)}, "
+                  f"{wall:.0f} s, {info['sec_per_iter']} s/iter; ETA {_eta(eta)}", flush=True)
+    return failed
+
+
 def _eta(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -111,37 +169,12 @@ def main(argv=None):
     failed = []
     if not args.report:
         print(f"[ablation] study {fingerprint}: {len(runs)} runs, {len(runs) - len(todo)} already in {results}, "
-              f"{len(todo)} to do", flush=True)
-        walls = {}
-        for i, run in enumerate(todo):
-            out = os.path.join(args.output_dir, "runs", run.variant, f"seed{run.seed}")
-            resume = os.path.exists(os.path.join(out, "last_checkpoint"))
-            cmd = command(args, run, out, resume)
-            if args.dry_run:
-                print(" ".join(cmd))
-                continue
-            os.makedirs(out, exist_ok=True)
-            start = time.time()
-            with open(os.path.join(out, "log.txt"), "a") as log:
-                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-            wall = time.time() - start
-            if rc != 0:
-                failed.append(run.key)
-                print(f"[ablation] {i + 1}/{len(todo)} {run.key} FAILED (exit {rc}); see {out}/log.txt", flush=True)
-                continue
-            info = study.read_run(out)
-            row = {"study": fingerprint, "variant": run.variant, "mode": run.mode, "seed": run.seed,
-                   "sweep": list(run.sweep) if run.sweep else None, "config_file": args.config_file,
-                   "overrides": common_overrides(args) + run.overrides, "output_dir": out, "wall_s": round(wall, 1),
-                   "images_per_iter": images_per_iter(out), **info}
-            study.append_result(results, row)
-            walls.setdefault(run.mode, []).append(wall)
-            left = todo[i + 1:]
-            mean_all = sum(sum(w) for w in walls.values()) / sum(len(w) for w in walls.values())
-            eta = sum(sum(walls[r.mode]) / len(walls[r.mode]) if r.mode in walls else mean_all for r in left)
-            ap = study.value_of(row, "segm/AP")
-            print(f"[ablation] {i + 1}/{len(todo)} {run.key}: segm AP {ap if ap is None else round(ap, 2)}, "
-                  f"{wall:.0f} s, {info['sec_per_iter']} s/iter; ETA {_eta(eta)}", flush=True)
+              f"{len(todo)} to do" + (f", {args.jobs} at a time" if args.jobs > 1 else ""), flush=True)
+        if args.dry_run:
+            for run in todo:
+                print(" ".join(command(args, run, run_dir(args, run), False)))
+        else:
+            failed = run_all(args, todo, results, fingerprint)
     if args.dry_run:
         return 0
     rows = study.load_results(results)

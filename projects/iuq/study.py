@@ -102,13 +102,30 @@ def plan_runs(modes, seeds, sweep=None):
     return runs
 
 
+def config_files(config_file):
+    """``config_file`` and the files it inherits from (``_BASE_``, recursively), in that order."""
+    import yaml
+
+    files, todo = [], [os.path.abspath(config_file)]
+    while todo:
+        path = todo.pop(0)
+        files.append(path)
+        with open(path) as f:
+            base = (yaml.safe_load(f) or {}).get("_BASE_")
+        if base:
+            todo.append(os.path.normpath(os.path.join(os.path.dirname(path), os.path.expanduser(base))))
+    return files
+
+
 def study_fingerprint(config_file, overrides, num_gpus=1):
-    """What makes two runs of one variant and seed the same run: the config file's content, the
-    common overrides and the number of processes. Rows of another study in the same results
-    file are kept but not counted."""
-    with open(config_file, "rb") as f:
-        content = f.read()
-    h = hashlib.sha1(content)
+    """What makes two runs of one variant and seed the same run: the content of the config file
+    and of every file it inherits from, the common overrides and the number of processes. Rows of
+    another study in the same results file are kept but not counted. (The code is not part of
+    it: each row records the commit it ran at.)"""
+    h = hashlib.sha1()
+    for path in config_files(config_file):
+        with open(path, "rb") as f:
+            h.update(f.read())
     h.update(json.dumps([list(overrides), int(num_gpus)]).encode())
     return h.hexdigest()[:12]
 

@@ -77,8 +77,14 @@ MODES = {  # (INTER.ENABLED, EQUI.MODE)
     "inter": (True, "augment"),
     "equi": (False, "full"),
     "both": (True, "full"),
+    # Per iteration at a recipe's settings (IMS_PER_BATCH 2 per GPU): the IUQ-off twin steps on 2
+    # images and no views; "both" on 2 + 2 views (as above); "matched" (EQUI.VIEWS_IN_BATCH) on
+    # 1 image + its view, the twin's 2 images in all.
+    "twin": (False, "augment"),
+    "matched": (True, "full"),
 }
 IMAGES_PER_STEP = 4
+STEP_IMAGES = {"twin": 2, "matched": 2}  # images a step holds, where not IMAGES_PER_STEP
 
 
 class Peak:
@@ -178,11 +184,12 @@ def child(model, args):
         """Put the trainer in ``run``'s mode; returns a fresh copy of ``batch``."""
         mode, size = run
         iuq.INTER.ENABLED, iuq.EQUI.MODE = MODES[mode]
+        trainer.iuq_on = mode != "twin"  # the twin: IUQ off, so no views either
         trainer.memory = memories[size] if size else no_memory
         trainer.view_rng = random.Random(seed)  # the same views in every mode
         torch.manual_seed(seed)  # the same sampled pixels and proposals
         in_iuq[0] = 0.0
-        return copy.deepcopy(batch)
+        return copy.deepcopy(batch[:1] if mode == "matched" else batch)  # matched: 1 image + its view
 
     def step(run, batch, seed):
         """One training step of ``run`` on a copy of ``batch``; returns (wall seconds, process CPU
@@ -312,7 +319,7 @@ def main():
         return
 
     unit = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
-    rows = []
+    rows, per_iter = [], []
     for model in args.models:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", model, "--device", args.device,
                "--batches", str(args.batches), "--rounds", str(args.rounds), "--min-size", str(args.min_size),
@@ -329,23 +336,35 @@ def main():
         base = results["baseline,0"]
         for key, r in results.items():
             mode, size = key.split(",")
-            t = sum(r["seconds"]) / (len(r["seconds"]) * IMAGES_PER_STEP)
+            images = STEP_IMAGES.get(mode, IMAGES_PER_STEP)
+            t = sum(r["seconds"]) / (len(r["seconds"]) * images)
             around = [(a + b) / 2 for a, b in r["around"]]  # the mean of the baselines around each step
             ratio = sum(r["seconds"]) / sum(around)
             median = f"{statistics.median(sec / ref for sec, ref in zip(r['seconds'], around)):7.3f} {len(around):>3}"
             split = r.get("split") or [(1.0, 0.0)]  # the baseline: no IUQ inside its steps
             in_step = sum(t for t, _ in split) / sum(t - own for t, own in split)
-            iuq = sum(own for _, own in split) / (len(split) * IMAGES_PER_STEP)
+            iuq = sum(own for _, own in split) / (len(split) * images)
             q = f"{sum(r['queries']) / len(r['queries']):7.0f}" if r["queries"] else f"{'-':>7}"
             size = f"{int(size) // 1000}K" if int(size) else "-"
             rows.append(f"{model:9} {mode:9} {size:>8} | {t:8.3f} {ratio:7.3f} {median:>11} | {in_step:9.3f} {iuq:8.3f} | "
                         f"{r['peak_bytes'] / 2**30:8.2f} {r['peak_bytes'] / base['peak_bytes']:7.3f} | {q}")
+            r["ratio"] = ratio
+        twin = results.get("twin,0")
+        for key, r in results.items() if twin else ():
+            mode, size = key.split(",")
+            size = f"{int(size) // 1000}K" if int(size) else "-"
+            per_iter.append(f"{model:9} {mode:9} {size:>8} | {STEP_IMAGES.get(mode, IMAGES_PER_STEP):6} | "
+                            f"{r['ratio'] / twin['ratio']:8.3f} | {r['peak_bytes'] / twin['peak_bytes']:7.3f}")
     malloc = "" if args.device.startswith("cuda") else (", system malloc" if args.system_malloc else ", caching malloc")
     print(f"\nIUQ training-step cost, device={args.device}{malloc}, {args.min_size}x<={args.max_size}, "
           f"{IMAGES_PER_STEP} images/step, {args.batches} batches x {args.rounds} rounds x every mode; peak = {unit}")
     print(f"{'model':9} {'mode':9} {'memory':>8} | {'s/image':>8} {'time x':>7} {'median x   n':>11} | {'in-step x':>9} "
           f"{'IUQ s/im':>8} | {'peak GiB':>8} {'peak x':>7} | {'queries':>7}")
     print("\n".join(rows))
+    if per_iter:  # both ratios drift-cancelled through the interleaved baseline steps
+        print("\nPer iteration at the recipe's settings (2 images per GPU), against the IUQ-off twin's step")
+        print(f"{'model':9} {'mode':9} {'memory':>8} | {'images':>6} | {'iter x':>8} | {'peak x':>7}")
+        print("\n".join(per_iter))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ require_adelaidet()
 
 
 def test_train_step_benchmark_prints_every_models_ratios():
-    cmd = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--modes", "baseline", "both",
+    cmd = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--modes", "baseline", "both", "twin", "matched",
            "--memory", "2000", "--batches", "1", "--min-size", "160", "--max-size", "240"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = {tuple(line.split()[:2]): line for line in out.stdout.splitlines() if line.split()[1:2] in (["baseline"], ["both"])}
+    per_step, per_iter = out.stdout.split("Per iteration")
+    rows = {tuple(line.split()[:2]): line for line in per_step.splitlines() if line.split()[1:2] in (["baseline"], ["both"])}
     assert set(rows) == {(m, mode) for m in ("CondInst", "SOLOv2") for mode in ("baseline", "both")}, out.stdout
     for (model, mode), line in rows.items():
         # model mode memory | s/image time x median x n | in-step x IUQ s/im | peak GiB peak x | queries
@@ -30,3 +31,11 @@ def test_train_step_benchmark_prints_every_models_ratios():
             assert cells[0][2] == "2K" and float(cells[4][0]) > 0, line  # memory size, queries per step
             assert in_step_x > 1.0 and iuq_seconds > 0, line
             assert 0.2 < time_x < 5 and 0.2 < median_x < 5 and 0.5 < peak_x < 2, line
+    # Per iteration against the IUQ-off twin: images per step, iteration time and peak ratios.
+    iters = {tuple(line.split()[:2]): [c.split() for c in line.split("|")] for line in per_iter.splitlines()
+             if line.split()[1:2] in (["twin"], ["both"], ["matched"])}
+    for model in ("CondInst", "SOLOv2"):
+        twin, both, matched = iters[(model, "twin")], iters[(model, "both")], iters[(model, "matched")]
+        assert (twin[1], twin[2], twin[3]) == (["2"], ["1.000"], ["1.000"])
+        assert both[1] == ["4"] and matched[1] == ["2"]
+        assert 0.2 < float(matched[2][0]) < 5 and 0.5 < float(matched[3][0]) < 2

@@ -16,6 +16,12 @@ def add_iuq_config(cfg):
     CN = type(cfg)  # the caller's CfgNode class (detectron2's), or YAML merges see a type mismatch
     cfg.MODEL.IUQ = CN()
     cfg.MODEL.IUQ.ENABLED = True
+    # Linear warm-up of the IUQ loss weights (loss_inter, loss_equi): factor min(1, (iter + 1) /
+    # WARMUP_ITERS); 0 = none (the paper gives none). From random initialisation SOLOv2's
+    # kernel logits are O(10) with a random common sign (kernels . ReLU features, all >= 0); the
+    # inter loss at full weight then pushes every kernel along -mean(F) at once and one SGD step
+    # can drive every logit to ~-50, where sigmoid = 0 and the dice loss has no gradient.
+    cfg.MODEL.IUQ.WARMUP_ITERS = 0
 
     # Inter-scene uniqueness (Eq. 5): queries must not fire on other images' pixels.
     cfg.MODEL.IUQ.INTER = CN()
@@ -124,6 +130,7 @@ def validate_iuq_config(cfg):
     _check_number(node, "INTER.GAMMA")
     _check_number(node, "INTER.WEIGHT")
     _check_number(node, "INTER.CHUNK_SIZE", low=0, integer=True, strict=True)
+    _check_number(node, "WARMUP_ITERS", integer=True)
 
     _check_number(node, "MEMORY.SIZE", integer=True)
     _check_choice(node, "MEMORY.SAMPLING", SAMPLINGS)

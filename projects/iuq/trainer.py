@@ -18,6 +18,7 @@ from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 
 from .adapters import adapter_class, build_adapter
 from .chunked import chunked_sum
@@ -34,6 +35,13 @@ logger = logging.getLogger(__name__)
 # Queries of a view decoded at once by the equivariance loss: bounds its transient memory (CondInst:
 # ~10 maps of the view's size per query) while keeping the per-chunk overhead small.
 EQUI_QUERY_CHUNK = 32
+
+# Dead-mask monitor: a step is "dead" when none of (up to) DEAD_MASK_QUERIES matched queries of the
+# batch's originals has a mean sigmoid above DEAD_MASK_P on its own instance; DEAD_MASK_STEPS dead
+# steps in a row log a warning (the mask losses have no gradient left there: nothing recovers).
+DEAD_MASK_P = 1e-3
+DEAD_MASK_STEPS = 20
+DEAD_MASK_QUERIES = 8
 
 
 def dataset_image_id(d):
@@ -64,6 +72,7 @@ class IUQTrainer(DefaultTrainer):
         self.pixel_mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1)
         # Views are drawn per rank (like the data), reproducibly when SEED is set.
         self.view_rng = random.Random((cfg.SEED if cfg.SEED >= 0 else random.getrandbits(32)) + comm.get_rank())
+        self.dead_steps = 0  # consecutive steps whose masks are all off (see own_mask_probability)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -135,12 +144,55 @@ class IUQTrainer(DefaultTrainer):
             loss_dict = self.model(batch)  # the base model's own losses (originals and views)
         if inter or equi:
             originals, regions = self.read_embeddings(captured, views if equi else [], num_originals)
+            self.watch_dead_masks(captured, num_originals)
+        ramp = self.iuq_weight_factor()  # MODEL.IUQ.WARMUP_ITERS; 1 without
         if inter:
             image_ids = torch.tensor([dataset_image_id(d) for d in batch], device=self.memory.device)
             loss_dict["loss_inter"], samples = self.inter_loss(captured, originals, batch, image_ids)
+            loss_dict["loss_inter"] = loss_dict["loss_inter"] * ramp
         if equi:
-            loss_dict["loss_equi"] = self.equi_loss(captured, views, num_originals, regions)
+            loss_dict["loss_equi"] = self.equi_loss(captured, views, num_originals, regions) * ramp
         return loss_dict, samples
+
+    def iuq_weight_factor(self):
+        """MODEL.IUQ.WARMUP_ITERS: min(1, (iter + 1) / WARMUP_ITERS), 1 without warm-up."""
+        n = self.iuq_cfg.WARMUP_ITERS
+        return 1.0 if n <= 0 else min(1.0, (getattr(self, "iter", 0) + 1) / n)
+
+    @torch.no_grad()
+    def own_mask_probability(self, cap, num_originals):
+        """For up to DEAD_MASK_QUERIES matched queries of the originals (evenly spaced), the mean
+        sigmoid of the query's mask on its own instance [q]; None if there is none."""
+        mine = (cap.query_images < num_originals).nonzero(as_tuple=True)[0]
+        if len(mine) == 0:
+            return None
+        keep = mine[torch.linspace(0, len(mine) - 1, min(len(mine), DEAD_MASK_QUERIES)).long()]
+        queries, images, meta, targets = cap.select_queries(keep)
+        logits = self.adapter.decode_map(queries.detach(), meta, images, cap.embeddings.detach())
+        hm, wm = min(logits.shape[-2], targets.shape[-2]), min(logits.shape[-1], targets.shape[-1])
+        inside = targets[:, :hm, :wm] > 0.5
+        p = logits[:, :hm, :wm].float().sigmoid() * inside
+        return p.flatten(1).sum(1) / inside.flatten(1).sum(1).clamp(min=1)
+
+    def watch_dead_masks(self, cap, num_originals):
+        """Log ``iuq/own_mask_p`` (mean over queries) and warn once when every matched query's mask
+        has been off (mean sigmoid < DEAD_MASK_P on its own instance) for DEAD_MASK_STEPS steps."""
+        p = self.own_mask_probability(cap, num_originals)
+        if p is None:
+            return
+        try:
+            get_event_storage().put_scalar("iuq/own_mask_p", float(p.mean()))
+        except AssertionError:  # outside train(): no event storage
+            pass
+        self.dead_steps = self.dead_steps + 1 if float(p.max()) < DEAD_MASK_P else 0
+        if self.dead_steps == DEAD_MASK_STEPS:
+            logger.warning(
+                f"IUQ: every mask has been off for {DEAD_MASK_STEPS} steps (no matched query has a "
+                f"mean sigmoid >= {DEAD_MASK_P} on its own instance; the mask loss has no gradient "
+                "there). From random initialisation the inter-scene loss can push all kernel logits "
+                "negative at once; set MODEL.IUQ.WARMUP_ITERS (e.g. SOLVER.WARMUP_ITERS) or start "
+                "from pretrained weights."
+            )
 
     def _autocast(self):
         if not isinstance(self._trainer, AMPTrainer):

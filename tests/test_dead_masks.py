@@ -1,0 +1,75 @@
+"""Dead masks: the IUQ loss-weight warm-up (MODEL.IUQ.WARMUP_ITERS) and the monitor that says so
+in the log when every mask of a run is off (SOLOv2 from random initialisation: README, "SOLOv2's
+dead masks"). Runs on AdelaiDet's SOLOv2 (its adapter's decode); skipped where it is missing."""
+import copy
+import logging
+
+import pytest
+import torch
+
+from adelaidet_support import require_adelaidet, small_cfg
+
+require_adelaidet()
+
+from iuq import trainer as trainer_module  # noqa: E402
+from iuq.adapters.base import Captured  # noqa: E402
+from iuq.trainer import IUQTrainer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    return IUQTrainer(small_cfg("SOLOv2", "OUTPUT_DIR", str(tmp_path_factory.mktemp("dead")), "MODEL.IUQ.WARMUP_ITERS", "8"))
+
+
+def test_warmup_factor_ramps_linearly_to_one(trainer):
+    factors = []
+    for it in (0, 3, 7, 8, 80):
+        trainer.iter = it
+        factors.append(trainer.iuq_weight_factor())
+    assert factors == pytest.approx([1 / 8, 0.5, 1.0, 1.0, 1.0])
+    trainer.iuq_cfg.WARMUP_ITERS = 0
+    try:
+        trainer.iter = 0
+        assert trainer.iuq_weight_factor() == 1.0  # the paper's behaviour: no ramp
+    finally:
+        trainer.iuq_cfg.WARMUP_ITERS = 8
+
+
+def test_warmup_scales_the_iuq_losses(trainer):
+    batch = next(trainer._trainer._data_loader_iter)
+    losses = {}
+    for it in (0, 8):  # 1/8, then 1
+        trainer.iter = it
+        trainer.view_rng.seed(1)
+        torch.manual_seed(1)
+        loss_dict, _ = trainer.forward_losses(copy.deepcopy(batch))
+        losses[it] = {k: float(v) for k, v in loss_dict.items()}
+    for key in ("loss_inter", "loss_equi"):
+        assert losses[0][key] == pytest.approx(losses[8][key] / 8, rel=1e-5)
+    assert losses[0]["loss_ins"] == pytest.approx(losses[8]["loss_ins"], rel=1e-6)  # base losses untouched
+
+
+def test_dead_masks_are_detected_and_logged_once(trainer, caplog, monkeypatch):
+    monkeypatch.setattr(trainer_module, "DEAD_MASK_STEPS", 3)
+    d, h, w = 256, 8, 8
+    gt = torch.zeros(2, h, w)
+    gt[:, 2:6, 2:6] = 1
+
+    def captured(sign):  # SOLOv2's features are >= 0 (ReLU): kernels of one sign decide every logit
+        return Captured(queries=sign * torch.ones(2, d), query_images=torch.tensor([0, 1]), gt_masks=gt,
+                        gt_index=torch.arange(2), embeddings=torch.rand(2, d, h, w) + 0.1)
+
+    dead, alive = captured(-1.0), captured(1.0)
+    assert float(trainer.own_mask_probability(dead, 2).max()) < 1e-6
+    assert float(trainer.own_mask_probability(alive, 2).min()) > 0.99
+    trainer.dead_steps = 0
+    with caplog.at_level(logging.WARNING, logger="iuq.trainer"):
+        for _ in range(2):
+            trainer.watch_dead_masks(dead, 2)
+        trainer.watch_dead_masks(alive, 2)  # a live step resets the count
+        assert trainer.dead_steps == 0 and not caplog.records
+        for _ in range(5):
+            trainer.watch_dead_masks(dead, 2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "every mask has been off for 3 steps" in warnings[0]
+    assert "MODEL.IUQ.WARMUP_ITERS" in warnings[0]

@@ -188,10 +188,12 @@ class IUQTrainer(DefaultTrainer):
         if self.dead_steps == DEAD_MASK_STEPS:
             logger.warning(
                 f"IUQ: every mask has been off for {DEAD_MASK_STEPS} steps (no matched query has a "
-                f"mean sigmoid >= {DEAD_MASK_P} on its own instance; the mask loss has no gradient "
-                "there). From random initialisation the inter-scene loss can push all kernel logits "
-                "negative at once; set MODEL.IUQ.WARMUP_ITERS (e.g. SOLVER.WARMUP_ITERS) or start "
-                "from pretrained weights."
+                f"mean sigmoid >= {DEAD_MASK_P} on its own instance): the masks are dead, and the mask "
+                "losses have no gradient left to revive them. Seen with SOLOv2, whose ReLU mask "
+                "features give all its kernels' logits a common part that IUQ's losses push down at "
+                "once while the logits are large (docs/study.md, 'SOLOv2's dead masks'). Restart "
+                "from an earlier checkpoint with a lower learning rate, MODEL.IUQ.INTER.LOSS l1 or "
+                "MODEL.IUQ.WARMUP_ITERS; none is proven to prevent it."
             )
 
     def _autocast(self):

@@ -21,31 +21,22 @@ import os
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
+def _iuq(inter, equi_mode=None):
+    """MODEL.IUQ overrides: IUQ on, ``loss_inter`` on or off, views off (None) or in ``equi_mode``."""
+    opts = ["MODEL.IUQ.ENABLED", "True", "MODEL.IUQ.INTER.ENABLED", str(inter),
+            "MODEL.IUQ.EQUI.ENABLED", str(equi_mode is not None)]
+    return opts + (["MODEL.IUQ.EQUI.MODE", equi_mode] if equi_mode else [])
+
+
 # The paper's rows (Table 4d, plus L_inter / L_equi alone, Table 3) as MODEL.IUQ overrides.
 MODES = OrderedDict(
     baseline=("the base model, IUQ off", ["MODEL.IUQ.ENABLED", "False"]),
-    augment=(
-        "the views as plain augmented images (Table 4d 'w/ Aug.'): the compute-equal baseline of 'both'",
-        ["MODEL.IUQ.ENABLED", "True", "MODEL.IUQ.INTER.ENABLED", "False", "MODEL.IUQ.EQUI.ENABLED", "True",
-         "MODEL.IUQ.EQUI.MODE", "augment"],
-    ),
-    feature=(
-        "feature equivariance only (Table 4d)",
-        ["MODEL.IUQ.ENABLED", "True", "MODEL.IUQ.INTER.ENABLED", "False", "MODEL.IUQ.EQUI.ENABLED", "True",
-         "MODEL.IUQ.EQUI.MODE", "feature"],
-    ),
-    inter=("L_inter alone (Table 3)", ["MODEL.IUQ.ENABLED", "True", "MODEL.IUQ.INTER.ENABLED", "True",
-                                       "MODEL.IUQ.EQUI.ENABLED", "False"]),
-    equi=(
-        "L_equi alone (Table 3)",
-        ["MODEL.IUQ.ENABLED", "True", "MODEL.IUQ.INTER.ENABLED", "False", "MODEL.IUQ.EQUI.ENABLED", "True",
-         "MODEL.IUQ.EQUI.MODE", "full"],
-    ),
-    both=(
-        "L_inter + L_equi (the full method)",
-        ["MODEL.IUQ.ENABLED", "True", "MODEL.IUQ.INTER.ENABLED", "True", "MODEL.IUQ.EQUI.ENABLED", "True",
-         "MODEL.IUQ.EQUI.MODE", "full"],
-    ),
+    augment=("the views as plain augmented images (Table 4d 'w/ Aug.'): the compute-equal baseline of 'both'",
+             _iuq(False, "augment")),
+    feature=("feature equivariance only (Table 4d)", _iuq(False, "feature")),
+    inter=("L_inter alone (Table 3)", _iuq(True)),
+    equi=("L_equi alone (Table 3)", _iuq(False, "full")),
+    both=("L_inter + L_equi (the full method)", _iuq(True, "full")),
 )
 # Compute-matched twins: the views count toward SOLVER.IMS_PER_BATCH (a step holds as many images
 # as the baseline's), see MODEL.IUQ.EQUI.VIEWS_IN_BATCH.

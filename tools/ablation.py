@@ -108,44 +108,84 @@ def run_dir(args, run):
     return os.path.join(args.output_dir, "runs", run.variant, f"seed{run.seed}")
 
 
+def _owner(out):
+    """The pid in ``out/.pid`` while that process runs (the run is being trained: by another runner
+    sharing the directory, or by the child of a runner that was stopped), else None."""
+    try:
+        with open(os.path.join(out, ".pid")) as f:
+            pid = int(f.read())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def _finished(out):
+    """Whether the run in ``out`` trained to the end and was evaluated (its row may be missing: a
+    runner stopped between the child's end and the row)."""
+    return os.path.exists(os.path.join(out, "model_final.pth")) and bool(study.read_run(out)["metrics"])
+
+
 def run_all(args, todo, results, fingerprint):
     """Train and evaluate ``todo``, ``args.jobs`` at a time (each with cores / jobs threads);
-    append each finished run's row at once. Returns the keys of the runs that failed."""
+    append each finished run's row at once. A run another process is training (``out/.pid``) is
+    waited for and recorded when it ends; a run that finished without its row is recorded without
+    training again; one stopped midway resumes from its last checkpoint. Returns the keys of the
+    runs that failed."""
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads))) if args.jobs > 1 else None
-    pending, running, failed, walls, finished = list(todo), {}, [], {}, 0
+    pending, running, failed, walls, done = list(todo), {}, [], {}, [0]
+
+    def record(run, out, wall):
+        info = study.read_run(out)
+        row = {"study": fingerprint, "commit": COMMIT, "variant": run.variant, "mode": run.mode, "seed": run.seed,
+               "sweep": list(run.sweep) if run.sweep else None, "config_file": args.config_file,
+               "overrides": common_overrides(args) + run.overrides, "output_dir": out,
+               "wall_s": None if wall is None else round(wall, 1), "images_per_iter": images_per_iter(out), **info}
+        study.append_result(results, row)
+        done[0] += 1
+        if wall is not None:
+            walls.setdefault(run.mode, []).append(wall)
+        eta = ""
+        if walls:
+            mean_all = sum(sum(w) for w in walls.values()) / sum(len(w) for w in walls.values())
+            left = pending + [r for r, *_ in running.values()]
+            seconds = sum(sum(walls[r.mode]) / len(walls[r.mode]) if r.mode in walls else mean_all for r in left)
+            eta = f"; ETA {_eta(seconds / args.jobs)}"
+        ap = study.value_of(row, "segm/AP")
+        took = "recorded" if wall is None else f"{wall:.0f} s"
+        print(f"[ablation] {done[0]}/{len(todo)} {run.key}: segm AP {ap if ap is None else round(ap, 2)}, {took}, "
+              f"{info['sec_per_iter']} s/iter{eta}", flush=True)
+
     while pending or running:
-        while pending and len(running) < args.jobs:
-            run = pending.pop(0)
+        elsewhere = [r for r in pending if _owner(run_dir(args, r))]  # trained by another process here
+        for run in [r for r in pending if r not in elsewhere]:
+            if len(running) + len(elsewhere) >= args.jobs:  # those use this machine's cores too
+                break
             out = run_dir(args, run)
-            resume = os.path.exists(os.path.join(out, "last_checkpoint"))  # a run killed midway goes on
+            pending.remove(run)
+            if os.path.isdir(out) and _finished(out):
+                record(run, out, None)
+                continue
+            resume = os.path.exists(os.path.join(out, "last_checkpoint"))  # a run stopped midway goes on
             os.makedirs(out, exist_ok=True)
             log = open(os.path.join(out, "log.txt"), "a")
             proc = subprocess.Popen(command(args, run, out, resume), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+            with open(os.path.join(out, ".pid"), "w") as f:
+                f.write(str(proc.pid))
             running[proc] = (run, out, log, time.time())
-        time.sleep(1.0)
+        time.sleep(1.0 if running else 10.0)
         for proc in [p for p in running if p.poll() is not None]:
             run, out, log, start = running.pop(proc)
             log.close()
-            wall, finished = time.time() - start, finished + 1
+            os.remove(os.path.join(out, ".pid"))
             if proc.returncode != 0:
                 failed.append(run.key)
-                print(f"[ablation] {finished}/{len(todo)} {run.key} FAILED (exit {proc.returncode}); see {out}/log.txt",
+                done[0] += 1
+                print(f"[ablation] {done[0]}/{len(todo)} {run.key} FAILED (exit {proc.returncode}); see {out}/log.txt",
                       flush=True)
                 continue
-            info = study.read_run(out)
-            row = {"study": fingerprint, "commit": COMMIT, "variant": run.variant, "mode": run.mode, "seed": run.seed,
-                   "sweep": list(run.sweep) if run.sweep else None, "config_file": args.config_file,
-                   "overrides": common_overrides(args) + run.overrides, "output_dir": out, "wall_s": round(wall, 1),
-                   "images_per_iter": images_per_iter(out), **info}
-            study.append_result(results, row)
-            walls.setdefault(run.mode, []).append(wall)
-            mean_all = sum(sum(w) for w in walls.values()) / sum(len(w) for w in walls.values())
-            left = pending + [r for r, *_ in running.values()]
-            eta = sum(sum(walls[r.mode]) / len(walls[r.mode]) if r.mode in walls else mean_all for r in left) / args.jobs
-            ap = study.value_of(row, "segm/AP")
-            print(f"[ablation] {finished}/{len(todo)} {run.key}: segm AP {ap if ap is None else round(ap, 2)}, "
-                  f"{wall:.0f} s, {info['sec_per_iter']} s/iter; ETA {_eta(eta)}", flush=True)
+            record(run, out, time.time() - start)
     return failed
 
 

@@ -14,5 +14,5 @@ setup(
     packages=["iuq", "iuq.adapters", "iuq.data"],
     python_requires=">=3.8",
     install_requires=["torch>=1.10", "fvcore>=0.1.5", "numpy"],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7"], "study": ["scipy", "matplotlib", "tabulate"]},
 )

@@ -128,6 +128,8 @@ def test_table_and_figure(tmp_path):
     summaries = study.summarise(rows)
     table = study.format_table(summaries)
     assert "| both" in table and "12.50 ± 2.12" in table and "+1.50 [" in table and "s/iter" in table
+    both = study.format_tables(summaries).split("\n\n")
+    assert len(both) == 2 and "Δ AP" in both[0] and "s/iter" in both[1] and "s/iter" not in both[0]
     study.plot_study(rows, summaries, str(tmp_path / "a.png"))
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -222,7 +222,7 @@ def main(argv=None):
     if not summaries:
         print("[ablation] no finished run yet")
         return 1 if failed else 0
-    print(study.format_table(summaries))
+    print(study.format_tables(summaries))
     figure = os.path.join(args.output_dir, "ablation.png")
     study.plot_study(rows, summaries, figure, fingerprint)
     print(f"[ablation] figure: {figure}")

@@ -202,7 +202,7 @@ def summarise(rows, fingerprint=None, references=("baseline", "augment"), metric
     swept value when there is one, else the plain reference)."""
     if fingerprint is not None:
         rows = [r for r in rows if r.get("study") == fingerprint]
-    metrics = metrics or [m for m in AP_METRICS + MEASURE_METRICS + ["sec_per_iter", "peak_mem_mb"]
+    metrics = metrics or [m for m in AP_METRICS + MEASURE_METRICS + ["sec_per_iter", "peak_mem_mb", "images_per_iter"]
                           if any(value_of(r, m) is not None for r in rows)]
     by_variant = OrderedDict()
     for r in rows:
@@ -264,30 +264,44 @@ def _fmt_diff(d):
     return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
 
 
-def format_table(summaries, references=("baseline", "augment")):
+def format_table(summaries, references=("baseline", "augment"), metrics=None, diffs=True):
     """The study's table as text (tabulate's "pipe" format, so it pastes into a README):
-    mean ± std over seeds; 'Δ ref' the paired difference in segm AP with its 95% CI."""
+    mean ± std over seeds of ``metrics`` (default: every metric some variant has); with
+    ``diffs``, 'Δ AP vs ref': the paired difference in segm AP with its 95% CI."""
     from tabulate import tabulate
 
-    metrics = []
-    for s in summaries:
-        metrics += [m for m in s.stats if m not in metrics and math.isfinite(s.stats[m][0])]
-    headers = ["variant", "seeds"] + [_short(m) for m in metrics] + [f"Δ AP vs {r} [95% CI]" for r in references]
+    if metrics is None:
+        metrics = []
+        for s in summaries:
+            metrics += [m for m in s.stats if m not in metrics and math.isfinite(s.stats[m][0])]
+    headers = ["variant", "seeds"] + [_short(m) for m in metrics]
+    headers += [f"Δ AP vs {r} [95% CI]" for r in references] if diffs else []
     table = []
     for s in summaries:
         row = [s.variant, len(s.seeds)]
         for m in metrics:
             mean, std = s.stats.get(m, (math.nan, math.nan))
-            row.append(_fmt(mean, std, 3 if m.startswith("iuq/") or m == "sec_per_iter" else (0 if m == "peak_mem_mb" else 2)))
-        for ref in references:
+            digits = 3 if m.startswith("iuq/") or m == "sec_per_iter" else (0 if m in ("peak_mem_mb", "images_per_iter") else 2)
+            row.append(_fmt(mean, std, digits))
+        for ref in references if diffs else ():
             d = s.diffs.get((ref, "segm/AP"))
             row.append(_fmt_diff(d) if d else "")
         table.append(row)
     return tabulate(table, headers=headers, tablefmt="pipe", disable_numparse=True)
 
 
+def format_tables(summaries, references=("baseline", "augment")):
+    """Two tables: COCO segm AP with the paired differences; then the IUQ measures and the cost
+    per iteration (seconds, peak memory, images a step holds)."""
+    present = {m for s in summaries for m in s.stats if math.isfinite(s.stats[m][0])}
+    ap = format_table(summaries, references, [m for m in AP_METRICS if m in present])
+    rest = [m for m in MEASURE_METRICS + ["sec_per_iter", "peak_mem_mb", "images_per_iter"] if m in present]
+    return ap + "\n\n" + format_table(summaries, references, rest, diffs=False) if rest else ap
+
+
 def _short(metric):
-    return {"sec_per_iter": "s/iter", "peak_mem_mb": "peak MB"}.get(metric, metric.split("/", 1)[-1])
+    return {"sec_per_iter": "s/iter", "peak_mem_mb": "peak MB", "images_per_iter": "images/iter"}.get(
+        metric, metric.split("/", 1)[-1])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -160,13 +160,14 @@ def run_all(args, todo, results, fingerprint):
     while pending or running:
         elsewhere = [r for r in pending if _owner(run_dir(args, r))]  # trained by another process here
         for run in [r for r in pending if r not in elsewhere]:
-            if len(running) + len(elsewhere) >= args.jobs:  # those use this machine's cores too
-                break
             out = run_dir(args, run)
-            pending.remove(run)
-            if os.path.isdir(out) and _finished(out):
+            if os.path.isdir(out) and _finished(out):  # needs no slot
+                pending.remove(run)
                 record(run, out, None)
                 continue
+            if len(running) + len(elsewhere) >= args.jobs:  # those use this machine's cores too
+                continue
+            pending.remove(run)
             resume = os.path.exists(os.path.join(out, "last_checkpoint"))  # a run stopped midway goes on
             os.makedirs(out, exist_ok=True)
             log = open(os.path.join(out, "log.txt"), "a")

@@ -212,6 +212,8 @@ def child(model, args):
 
         def forward_losses(batch):
             loss_dict, samples = type(trainer).forward_losses(trainer, batch)
+            if not captured:  # IUQ off (the twin): nothing of IUQ's to time
+                return loss_dict, samples
             cap = captured.pop()
             sync()
             mark = time.perf_counter()

@@ -125,8 +125,8 @@ def test_condinst_sample_decode_matches_its_dynamic_head():
         (["MODEL.IUQ.EQUI.MODE", "feature"], {"loss_inter", "loss_equi"}, set(), 4),
         (["MODEL.IUQ.EQUI.MODE", "augment"], {"loss_inter"}, {"loss_equi"}, 4),  # views as plain augmentation
         (["MODEL.IUQ.ENABLED", "False"], set(), {"loss_inter", "loss_equi"}, 2),  # the baseline
-        # compute-matched: the loader reads half of IMS_PER_BATCH (2), the views fill the step
-        (["MODEL.IUQ.EQUI.VIEWS_IN_BATCH", "True"], {"loss_inter", "loss_equi"}, set(), 2),
+        # compute-matched: the loader reads half of IMS_PER_BATCH (4), the views fill the step
+        (["MODEL.IUQ.EQUI.VIEWS_IN_BATCH", "True", "SOLVER.IMS_PER_BATCH", "4"], {"loss_inter", "loss_equi"}, set(), 4),
     ],
 )
 def test_the_papers_ablation_modes_are_reachable_from_the_config(overrides, present, absent, images, tmp_path):

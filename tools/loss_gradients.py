@@ -29,8 +29,8 @@ def main(argv=None):
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--fill", type=int, default=0,
-                        help="first fill the memory from this many batches (no gradient): the loss then sees "
-                             "up to MODEL.IUQ.MEMORY.SIZE negatives from the first measured batch")
+                        help="first fill the memory from this many batches (their gradients are not used): the "
+                             "loss then sees up to MODEL.IUQ.MEMORY.SIZE negatives from the first measured batch")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE or KEY=VALUE")
     args = parser.parse_args(argv)
 
@@ -58,10 +58,10 @@ def main(argv=None):
 
     trainer.adapter.capture = keeping
     data = iter(trainer.data_loader)
+    for _ in range(args.fill):  # (a training forward: the graph is built and dropped)
+        _, samples = trainer.forward_losses(next(data))
+        trainer.memory.enqueue(samples.detach())
     if args.fill:
-        for _ in range(args.fill):  # (a training forward: the graph is built and dropped)
-            _, samples = trainer.forward_losses(next(data))
-            trainer.memory.enqueue(samples.detach())
         print(f"memory filled: {len(trainer.memory)} samples")
     sums = {}
     for _ in range(args.batches):

@@ -136,8 +136,9 @@ def responses_figure(cfg, model, name, dicts, mapper, num_queries, path):
 def main(argv=None):
     args = parse_args(argv)
     import train_net
-    from detectron2.data import DatasetCatalog, DatasetMapper
-    from detectron2.data import transforms as T
+    from detectron2.data import DatasetCatalog
+
+    from iuq.measures import heldout_mapper
 
     cfg = train_net.setup(train_net.default_argument_parser().parse_args(
         ["--config-file", args.config_file] + list(args.opts)))
@@ -147,9 +148,7 @@ def main(argv=None):
     dicts = [dict(d, _dataset=dataset) for d in DatasetCatalog.get(dataset) if d.get("annotations")][: args.num_images]
     if not dicts:
         raise ValueError(f"--dataset {dataset!r} has no annotated image")
-    mapper_args = dict(is_train=True, augmentations=[T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)],
-                       image_format=cfg.INPUT.FORMAT, use_instance_mask=True, instance_mask_format=cfg.INPUT.MASK_FORMAT)
-    mapper = DatasetMapper(**mapper_args)
+    mapper = heldout_mapper(cfg)  # as the measures see them: test-time size, ground truth kept
     models = [load_model(cfg, args.weights)] + ([load_model(cfg, args.weights_b)] if args.weights_b else [])
     names = args.names[: len(models)]
     os.makedirs(args.output_dir, exist_ok=True)

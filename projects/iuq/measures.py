@@ -84,16 +84,25 @@ def pick_per_group(groups, k, generator=None):
 
 def sample_instance_pixels(instance_masks, k, generator=None):
     """Up to ``k`` random cells of each instance mask [N, H, W] (bool): (instance index [M],
-    flat cell index [M])."""
-    owners, cells = [], []
-    for n, m in enumerate(instance_masks):
-        where = m.flatten().nonzero()[:, 0]
-        chosen = where[torch.randperm(len(where), generator=generator)[:k]]
-        owners.append(torch.full((len(chosen),), n, dtype=torch.long))
-        cells.append(chosen)
-    if not owners:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    return torch.cat(owners), torch.cat(cells)
+    flat cell index [M]), the memory's instance-balanced draw (``samples._random_members``)."""
+    from .samples import _random_members
+
+    return _random_members(instance_masks.flatten(1), k, generator)
+
+
+def heldout_mapper(cfg):
+    """A DatasetMapper for held-out images with their ground truth: resized as at test time (no
+    random augmentation), instance masks kept."""
+    from detectron2.data import DatasetMapper
+    from detectron2.data import transforms as T
+
+    return DatasetMapper(
+        is_train=True,
+        augmentations=[T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)],
+        image_format=cfg.INPUT.FORMAT,
+        use_instance_mask=True,
+        instance_mask_format=cfg.INPUT.MASK_FORMAT,
+    )
 
 
 class _Accumulator:
@@ -157,20 +166,13 @@ class IUQMeasures(DatasetEvaluator):
         pass  # measured in evaluate(), from forwards of its own
 
     def _loader(self):
-        from detectron2.data import DatasetCatalog, DatasetMapper
-        from detectron2.data import transforms as T
+        from detectron2.data import DatasetCatalog
 
-        cfg, m = self.cfg, self.cfg.MODEL.IUQ.MEASURES
+        m = self.cfg.MODEL.IUQ.MEASURES
         dicts = [d for d in DatasetCatalog.get(self.dataset_name) if d.get("annotations")][: m.MAX_IMAGES]
         if not dicts:
             raise ValueError(f"MODEL.IUQ.MEASURES: dataset {self.dataset_name!r} has no annotated image to measure on")
-        mapper = DatasetMapper(
-            is_train=True,
-            augmentations=[T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)],
-            image_format=cfg.INPUT.FORMAT,
-            use_instance_mask=True,
-            instance_mask_format=cfg.INPUT.MASK_FORMAT,
-        )
+        mapper = heldout_mapper(self.cfg)
         for s in range(0, len(dicts), self.BATCH):
             batch = [mapper(d) for d in dicts[s : s + self.BATCH]]
             yield [d for d in batch if len(d["instances"]) > 0]

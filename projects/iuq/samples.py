@@ -68,14 +68,14 @@ def grid_locations(height, width, stride, device="cpu"):
     return torch.stack([x.reshape(-1), y.reshape(-1)], dim=1)
 
 
-def _random_members(member, k):
+def _random_members(member, k, generator=None):
     """For each row of the bool matrix ``member`` [R, P], up to ``k`` random column indices where
-    it is True. Returns (rows, cols) of the chosen entries. One ``topk`` over random scores:
-    no Python loop over rows."""
+    it is True (drawn from ``generator``, else the global generator). Returns (rows, cols) of the
+    chosen entries, rows in order. One ``topk`` over random scores: no Python loop over rows."""
     if member.numel() == 0 or k == 0:
         empty = torch.zeros(0, dtype=torch.int64, device=member.device)
         return empty, empty
-    scores = torch.rand(member.shape, device=member.device)
+    scores = torch.rand(member.shape, device=member.device, generator=generator)
     scores = scores.masked_fill_(~member, -1.0)
     values, cols = scores.topk(min(k, member.shape[1]), dim=1)
     rows = torch.arange(member.shape[0], device=member.device)[:, None].expand_as(cols)

@@ -7,36 +7,56 @@
 Overrides may be given as ``KEY VALUE`` pairs or as ``KEY=VALUE``.
 """
 import re
+import sys
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, default_setup, launch
-from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
+try:
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.engine import default_argument_parser, default_setup, launch
+    from detectron2.utils import comm
+    from detectron2.utils.logger import setup_logger
+except ImportError as e:
+    if (e.name or "").split(".")[0] != "detectron2":
+        raise
+    sys.exit(
+        f"train_net.py needs detectron2, which is not installed in this Python ({sys.executable}): {e}.\n"
+        "Install it with the base framework you train (neither is on PyPI):\n"
+        "    python tools/install_frameworks.py adelaidet      # CondInst, SOLOv2 (or: sotr, mask2former, sparseinst)\n"
+        "README: Install."
+    )
 
 from iuq.config import get_iuq_cfg, validate_iuq_config
 from iuq.data import is_quickstart_dataset, register_quickstart
-from iuq.models import base_model_config_errors, register_base_models
+from iuq.models import BaseModelUnavailable, base_model_config_errors, register_base_models
 from iuq.trainer import IUQTrainer
 
-_KEY_EQUALS = re.compile(r"^([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)+)=(.*)$", re.S)
+# A ``KEY=VALUE`` override: an upper-case config key (``SEED``, ``MODEL.IUQ.ENABLED``), "=", its value.
+_KEY_EQUALS = re.compile(r"^([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)=(.*)$", re.S)
 
 
 def split_overrides(opts):
-    """detectron2's ``KEY VALUE`` list, with any ``KEY=VALUE`` item split in two."""
+    """detectron2's ``KEY VALUE`` list, with any ``KEY=VALUE`` item in a key's place split in two
+    (a value containing "=" after its key stays a value)."""
     out = []
     for item in opts:
-        match = _KEY_EQUALS.match(item)
+        match = _KEY_EQUALS.match(item) if len(out) % 2 == 0 else None
         out.extend(match.groups() if match else [item])
     return out
 
 
-def setup(args):
+def load_config(args):
+    """The config of ``args`` (file, then overrides), its base model registered and its
+    ``MODEL.IUQ`` validated. Raises :class:`BaseModelUnavailable` naming the package to install."""
     cfg = get_iuq_cfg()
     with base_model_config_errors(cfg):  # e.g. a SOTR YAML where SOTR is not installed: say so
         cfg.merge_from_file(args.config_file)
         cfg.merge_from_list(split_overrides(args.opts))
     register_base_models(cfg)  # names the package if cfg's META_ARCHITECTURE is not installed
     validate_iuq_config(cfg)
+    return cfg
+
+
+def setup(args):
+    cfg = load_config(args)
     cfg.freeze()
     default_setup(cfg, args)  # logs, and writes OUTPUT_DIR/config.yaml with the overrides
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="iuq")
@@ -59,5 +79,9 @@ def main(args):
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
+    try:  # before launching workers: a missing framework is one message, not a traceback per process
+        load_config(args)
+    except BaseModelUnavailable as e:
+        sys.exit(str(e))
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 COCO = Path(os.environ.get("DETECTRON2_DATASETS", "")) / "coco"
 REPO = Path(__file__).resolve().parents[1]
@@ -92,3 +93,68 @@ def register_subset(name, n, out_dir, with_annotations=True):
     path = Path(out_dir) / f"{name}.json"
     path.write_text(json.dumps(subset))
     register_coco_instances(name, {}, str(path), str(COCO / "val2017"))
+
+
+# The COCO sample's two images without annotations (ids 250 and 508), by index in its val json.
+EMPTY_IMAGES = (42, 92)
+
+
+def register_crowd_only(name, out_dir):
+    """The COCO sample with image 0's annotations all turned into crowd regions (``iscrowd`` 1):
+    detectron2's mapper drops crowd regions, so image 0 reaches the model with no instance."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    if name in DatasetCatalog.list():
+        return
+    data = json.loads((COCO / "annotations" / "instances_val2017.json").read_text())
+    first = data["images"][0]["id"]
+    for a in data["annotations"]:
+        if a["image_id"] == first:
+            a["iscrowd"] = 1
+    path = Path(out_dir) / f"{name}.json"
+    path.write_text(json.dumps(data))
+    register_coco_instances(name, {}, str(path), str(COCO / "val2017"))
+
+
+def empty_image_batches(trainer, dataset):
+    """Mapped batches of ``dataset`` (the COCO sample or its crowd-only copy) as the trainer's loader
+    maps them: (name, batch, ids of its images without instances, how many there should be)."""
+    from detectron2.data import DatasetCatalog, DatasetMapper
+
+    cfg = trainer.cfg
+    dicts = DatasetCatalog.get(dataset)
+    mapper = DatasetMapper(**{**DatasetMapper.from_config(cfg, is_train=True), "use_instance_mask": True})
+    a, b = EMPTY_IMAGES
+    crowd = dataset.endswith("crowd_only")
+    cases = [("crowd-only and empty", (0, b), 2), ("crowd-only and full", (0, 1), 1)] if crowd else [
+        ("none empty", (1, 2), 0), ("some empty", (1, a), 1), ("all empty", (a, b), 2)]
+    for name, idx, expected in cases:
+        batch = [mapper(dicts[i]) for i in idx]
+        yield name, batch, {d["image_id"] for d in batch if len(d["instances"]) == 0}, expected
+
+
+def check_trains_through_empty_images(trainer, dataset, mask_key, cls_key):
+    """IUQ's step on batches with 0, some and all images without instances: finite losses that all
+    stay on the graph, no query or pixel sample from an empty image, all-zero mask losses when no
+    image has an instance (and a classification loss that still trains), a backward that works."""
+    seen = set()
+    for name, batch, empty_ids, expected in empty_image_batches(trainer, dataset):
+        assert len(empty_ids) == expected, name
+        loss_dict, samples = trainer.forward_losses(batch)
+        for key, value in loss_dict.items():
+            assert torch.isfinite(value) and value.requires_grad, (name, key, value)
+        assert not empty_ids & set(samples.image_ids.tolist()), name
+        if len(empty_ids) == len(batch):
+            assert len(samples) == 0, name
+            for key in (mask_key, "loss_inter", "loss_equi"):
+                assert loss_dict[key].item() == 0, (name, key)
+            assert loss_dict[cls_key].item() > 0, name
+        else:
+            assert len(samples) > 0 and loss_dict[mask_key].item() > 0 and loss_dict["loss_equi"].item() > 0, name
+        trainer.optimizer.zero_grad()
+        sum(loss_dict.values()).backward()
+        assert all(torch.isfinite(p.grad).all() for p in trainer.model.parameters() if p.grad is not None), name
+        trainer.memory.enqueue(samples.detach())
+        seen.add(name)
+    return seen

@@ -75,3 +75,14 @@ def test_a_typo_in_an_existing_model_node_stays_yacs_error():
         pytest.skip("needs AdelaiDet's MODEL.SOLOV2 keys")
     with pytest.raises(AssertionError, match="Non-existent key: MODEL.SOLOV2.SCORE_THRR"):
         train_net.setup(args_for(CONFIGS["SOLOv2"], "MODEL.SOLOV2.SCORE_THRR", "0.0"))
+
+
+def test_train_net_names_the_installer_without_a_traceback():
+    """As a user runs it: one message naming the package and the command that installs it."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "train_net.py", "--config-file", str(CONFIGS["SOTR"])],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "MODEL.META_ARCHITECTURE='SOTR' needs the SOTR meta-architecture" in result.stderr
+    assert "python tools/install_frameworks.py sotr" in result.stderr

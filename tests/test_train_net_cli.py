@@ -148,24 +148,6 @@ def test_invalid_iuq_key_is_named():
         train_net.setup(args_for("CondInst", "/tmp/iuq_unused", "MODEL.IUQ.EQUI.MODE", "sideways"))
 
 
-def test_dataset_without_masks_is_named(tmp_path):
-    from detectron2.data import DatasetCatalog
-
-    data = json.loads((COCO / "annotations" / "instances_val2017.json").read_text())
-    for a in data["annotations"]:
-        a.pop("segmentation")
-    path = tmp_path / "boxes_only.json"
-    path.write_text(json.dumps(data))
-    if "iuq_test_boxes_only" not in DatasetCatalog.list():
-        from detectron2.data.datasets import register_coco_instances
-
-        register_coco_instances("iuq_test_boxes_only", {}, str(path), str(COCO / "val2017"))
-    cfg = train_net.setup(args_for("CondInst", tmp_path, "DATASETS.TRAIN", "('iuq_test_boxes_only',)", "DATASETS.TEST", "()"))
-    trainer = IUQTrainer(cfg)
-    with pytest.raises(ValueError, match=r"needs instance masks, but image \d+ \(.*\.jpg\)"):
-        trainer.forward_losses(next(trainer._trainer._data_loader_iter))
-
-
 def test_amp_and_gradient_clipping_step(tmp_path):
     """SOLVER.AMP.ENABLED (bf16 autocast on CPU, fp16 + GradScaler on CUDA) with clipping."""
     out = tmp_path / "amp"

@@ -10,6 +10,7 @@ import re
 from contextlib import contextmanager
 
 from .adapters.base import BUILTIN_ADAPTERS
+from .frameworks import install_command
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +46,12 @@ def require_base_model(name):
 
 def unavailable_message(name, what):
     package = BUILTIN_ADAPTERS[name][1]
+    installer = "sotr" if name == "SOTR" else "adelaidet"
     return (
         f"{what} needs the {name} meta-architecture, provided by {package}, which is not installed "
-        f"here ({_which_adet()}). AdelaiDet and SOTR are both the package `adet` and cannot share an "
-        f"environment: install {package.split(' (')[0]} in one of its own, then `pip install -e .` of this project "
-        "there (README: Install; SOTR)."
+        f"here ({_which_adet()}). Install it with `{install_command(installer)}` (in an environment of its "
+        "own where the other `adet` is installed: AdelaiDet and SOTR are both the package `adet` and cannot "
+        "share an environment; README: Install)."
     )
 
 

@@ -5,22 +5,24 @@ captured, the base losses as the model defines them, ``loss_inter`` against the 
 ``loss_equi`` against the transformed embeddings, backward, memory update, step.
 Nothing of IUQ lives in the model: its weights are the stock model's.
 """
+import hashlib
 import logging
+import numbers
 import random
 import resource
 import time
-import zlib
 from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
-from detectron2.data import DatasetMapper, build_detection_train_loader
+from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase
 from detectron2.engine import defaults as d2_defaults
+from detectron2.structures import BitMasks, Instances
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from .adapters import adapter_class, build_adapter
+from .adapters import adapter_class, build_adapter, has_adapter
 from .chunked import chunked_sum
 from .config import validate_iuq_config
 from .crops import crops
@@ -45,14 +47,20 @@ DEAD_MASK_QUERIES = 8
 
 
 def dataset_image_id(d):
-    """The dataset-level image id as int64 (string ids, e.g. file names, are hashed)."""
+    """The dataset-level image id as an int64: integer ids as they are; any other id (a file name,
+    a UUID) by a 64-bit hash of its text (BLAKE2b), so that at 10^6 images two images share an id
+    with probability ~3e-8 (a 32-bit hash makes that near certain at COCO's 10^5): two images
+    sharing an id would stop being each other's negatives."""
     if "image_id" not in d:
         raise ValueError(
             f"IUQ needs an 'image_id' in every dataset dict (to keep a query's own image out of "
             f"its negatives); {d.get('file_name', 'an image')} has none"
         )
     image_id = d["image_id"]
-    return int(image_id) if isinstance(image_id, int) else zlib.crc32(str(image_id).encode())
+    if isinstance(image_id, numbers.Integral):
+        return int(image_id)
+    digest = hashlib.blake2b(str(image_id).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 class IUQTrainer(DefaultTrainer):
@@ -65,7 +73,10 @@ class IUQTrainer(DefaultTrainer):
         with cpu_ddp_support(cfg):
             super().__init__(cfg)
         self.iuq_cfg = iuq
-        self.adapter = build_adapter(cfg, self.model) if self.iuq_on else None
+        # Installed with IUQ off too, where the model has one: an adapter also carries its model
+        # through batches the model's own code fails on (images without instances), and the IUQ-off
+        # twin must train on the same data. Without an open capture it records nothing.
+        self.adapter = build_adapter(cfg, self.model) if self.iuq_on or has_adapter(cfg) else None
         self.memory = PixelMemory(iuq.MEMORY.SIZE, dtype=getattr(torch, iuq.MEMORY.DTYPE), device=cfg.MODEL.DEVICE)
         # The memory is training state: saved with the optimizer in checkpoints, never in the model.
         self.checkpointer.add_checkpointable("iuq_memory", self.memory)
@@ -78,7 +89,16 @@ class IUQTrainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         # IUQ needs instance masks whatever MODEL.MASK_ON says.
         mapper = DatasetMapper(**{**DatasetMapper.from_config(cfg, is_train=True), "use_instance_mask": True})
-        return build_detection_train_loader(loader_config(cfg), mapper=mapper)
+        # The dicts as detectron2's loader would read them, read here once so that their masks are
+        # checked before the first step.
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        if cfg.MODEL.IUQ.ENABLED and (cfg.MODEL.IUQ.INTER.ENABLED or cfg.MODEL.IUQ.EQUI.ENABLED):
+            check_dataset_masks(dataset, cfg.DATASETS.TRAIN)
+        return build_detection_train_loader(loader_config(cfg), mapper=mapper, dataset=dataset)
 
     def build_hooks(self):
         hooks = super().build_hooks()
@@ -135,8 +155,7 @@ class IUQTrainer(DefaultTrainer):
         equi = views_on and self.iuq_cfg.EQUI.MODE != "augment"  # "augment": views as plain augmentation
         inter = self.iuq_on and self.iuq_cfg.INTER.ENABLED
         num_originals, samples = len(batch), None
-        if self.iuq_on:
-            require_masks(batch)
+        batch = with_empty_masks(batch, require=self.iuq_on)
         if views_on:  # originals, then one transformed view of each
             batch, views = add_views(batch, self.adapter.stride, self.iuq_cfg.EQUI, self.pixel_mean, self.view_rng)
 
@@ -237,6 +256,8 @@ class IUQTrainer(DefaultTrainer):
             loss=cfg.INTER.LOSS, alpha=cfg.INTER.ALPHA, gamma=cfg.INTER.GAMMA,
             chunk_size=cfg.INTER.CHUNK_SIZE,
         )
+        if not loss.requires_grad:  # no query in the batch (no instances): a zero still on the graph
+            loss = cap.embeddings.sum().float() * 0.0
         return loss * cfg.INTER.WEIGHT, samples
 
     def equi_loss(self, cap, views, num_originals, regions):
@@ -330,15 +351,58 @@ def cpu_ddp_support(cfg):
         d2_defaults.create_ddp_model = create
 
 
-def require_masks(batch):
-    """Fail with the dataset and image named if an image's instances come without masks."""
+def check_dataset_masks(dataset_dicts, names):
+    """Fail before training, naming the dataset and an image, if an instance annotation (not a crowd
+    region, which the mapper drops) carries no ``segmentation``: IUQ needs every instance's mask.
+    Images without annotations are fine (``DATALOADER.FILTER_EMPTY_ANNOTATIONS False`` keeps them).
+    ``names``: the DATASETS.TRAIN the dicts were read from."""
+    missing, total, first = 0, 0, None
+    for d in dataset_dicts:
+        for a in d.get("annotations", ()):
+            if a.get("iscrowd", 0):
+                continue
+            total += 1
+            if not a.get("segmentation"):
+                missing += 1
+                first = first or d
+    if not missing:
+        return
+    name = next((n for n in names if any(d.get("file_name") == first.get("file_name") for d in DatasetCatalog.get(n))),
+                " / ".join(names)) if len(names) > 1 else names[0]
+    raise ValueError(
+        f"MODEL.IUQ needs instance masks, but {missing} of the {total} instance annotations of dataset "
+        f"{name!r} (DATASETS.TRAIN) have no segmentation, e.g. in image {first.get('image_id', '?')} "
+        f"({first.get('file_name', 'no file name')}): train on a dataset with segmentation annotations"
+    )
+
+
+def with_empty_masks(batch, require=True):
+    """``batch`` with an empty ``gt_masks`` (bitmasks [0, H, W]) on each image without instances.
+
+    detectron2 gives an image with no annotation, or only crowd regions, no mask field at all; the
+    base models then fail on it (CondInst reads ``gt_bitmasks`` of every image) and IUQ cannot tell
+    it from an image whose dataset has no masks. With the empty field it is an image with nothing
+    in it everywhere: no queries, no pixel samples, a view like any other. With ``require``, an
+    image that *has* instances but no masks is an error naming it (``check_dataset_masks`` names
+    the dataset before training; this catches a dataset with masks on some annotations only).
+    """
+    out = []
     for d in batch:
-        if not d["instances"].has("gt_masks"):
-            raise ValueError(
-                f"MODEL.IUQ needs instance masks, but image {d.get('image_id', '?')} "
-                f"({d.get('file_name', 'no file name')}) has none: train on a dataset with "
-                "segmentation annotations (DATASETS.TRAIN)"
-            )
+        instances = d["instances"]
+        if not instances.has("gt_masks"):
+            if len(instances):
+                if require:
+                    raise ValueError(
+                        f"MODEL.IUQ needs instance masks, but image {d.get('image_id', '?')} "
+                        f"({d.get('file_name', 'no file name')}) has {len(instances)} instances "
+                        "without masks: train on a dataset with segmentation annotations (DATASETS.TRAIN)"
+                    )
+            else:
+                instances = Instances(instances.image_size, **instances.get_fields())
+                instances.gt_masks = BitMasks(torch.zeros(0, *instances.image_size, dtype=torch.bool))
+                d = {**d, "instances": instances}
+        out.append(d)
+    return out
 
 
 def masks_on_grid(masks, grid_size, stride):

@@ -33,7 +33,7 @@ def make_view(d, stride, equi_cfg, pixel_mean, rng=random, tries=10):
 
     The view's instances are those whose mask survives ``g`` (boxes recomputed tight around the
     moved masks). If ``tries`` draws all lose every instance, the view is a plain flip, which
-    loses none.
+    loses none. An image without instances gets the first draw (there is nothing to lose).
     """
     image = d["image"]
     size = tuple(image.shape[-2:])
@@ -45,7 +45,7 @@ def make_view(d, stride, equi_cfg, pixel_mean, rng=random, tries=10):
         )
         moved = g.apply_masks(masks)
         keep = moved.flatten(1).any(dim=1)
-        if bool(keep.any()):
+        if bool(keep.any()) or len(masks) == 0:
             break
     else:
         g = TransformList([HFlip(size, stride)], size, stride)

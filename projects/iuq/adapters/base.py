@@ -123,6 +123,15 @@ def adapter_class(cfg):
     return IUQ_ADAPTER_REGISTRY.get(name)
 
 
+def has_adapter(cfg):
+    """Whether ``cfg.MODEL.META_ARCHITECTURE`` has an adapter that can be imported here."""
+    try:
+        adapter_class(cfg)
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
 def build_adapter(cfg, model):
     """The adapter registered under ``cfg.MODEL.META_ARCHITECTURE``, installed on ``model``; the
     one already installed there if any (the trainer's and the measures' share it: wrapping the

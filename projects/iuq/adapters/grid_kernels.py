@@ -10,6 +10,11 @@ adapter wraps that call, and each model's file only names the model and imports 
 Wrapped call (on the instance): ``model.loss(cate_preds, kernel_preds, ins_pred, targets)``. Its
 arguments hold everything: the kernels per level and image, the grid assignment
 (``grid_order_list``), the matched masks at stride 4 (``ins_label_list``) and ``ins_pred``.
+
+Images without instances: the models' own code fails on them (``get_ground_truth_single`` reads
+``gt_classes[0]``; ``loss`` concatenates an empty list of dice terms when no image of the batch has
+a positive cell). The adapter wraps both calls so that such batches train, IUQ on or off (the trainer
+installs the adapter in both): see ``_empty_image_targets`` and ``_loss_without_positives``.
 """
 import torch
 
@@ -27,14 +32,52 @@ class GridKernelAdapter(IUQAdapter):
     def _install(self, cfg):
         model = self.model
         self.stride = model.backbone.output_shape()[model.mask_in_features[0]].stride
-        loss = model.loss
+        loss, targets_single = model.loss, model.get_ground_truth_single
 
         def wrapped_loss(cate_preds, kernel_preds, ins_pred, targets):
             if self.captured is not None:
                 self._record(kernel_preds, ins_pred, targets)
+            if not any(len(order) for per_image in targets[3] for order in per_image):
+                return self._loss_without_positives(loss, cate_preds, kernel_preds, ins_pred, targets)
             return loss(cate_preds, kernel_preds, ins_pred, targets)
 
+        def wrapped_targets_single(img_idx, gt_instances, mask_feat_size):
+            if len(gt_instances[img_idx]) == 0:
+                return self._empty_image_targets(gt_instances[img_idx].gt_classes.device, mask_feat_size)
+            return targets_single(img_idx, gt_instances, mask_feat_size=mask_feat_size)
+
         model.loss = wrapped_loss
+        model.get_ground_truth_single = wrapped_targets_single
+
+    def _empty_image_targets(self, device, mask_feat_size):
+        """An image without instances' targets, per level as the model builds them for a level
+        with no instance in its scale range (its ``num_ins == 0`` branch): no mask [0, Hm, Wm],
+        every cell background (``num_classes``) [S, S], no positive cell [S^2], no grid order."""
+        model, h, w = self.model, *mask_feat_size
+        levels = [
+            (torch.zeros(0, h, w, dtype=torch.uint8, device=device),
+             torch.full((s, s), model.num_classes, dtype=torch.int64, device=device),
+             torch.zeros(s * s, dtype=torch.bool, device=device), [])
+            for s in model.num_grids
+        ]
+        return tuple(list(part) for part in zip(*levels))
+
+    @staticmethod
+    def _loss_without_positives(loss, cate_preds, kernel_preds, ins_pred, targets):
+        """The model's losses for a batch without a positive cell: its own ``loss`` on the targets
+        plus one stand-in positive (cell 0 of the first level of image 0, an all-zero mask) that only
+        its dice term sees (``ins_ind_label_list``, hence the number of instances normalising the
+        classification loss, and ``cate_label_list`` are unchanged); that dice term is then zeroed,
+        keeping its graph. So ``loss_cate`` is exactly the model's all-background loss."""
+        ins_labels, cate_labels, ind_labels, orders = targets
+        first = ins_labels[0][0]
+        ins_labels = [list(levels) for levels in ins_labels]
+        orders = [list(levels) for levels in orders]
+        ins_labels[0][0] = first.new_zeros(1, *first.shape[-2:])
+        orders[0][0] = [0]
+        losses = loss(cate_preds, kernel_preds, ins_pred, (ins_labels, cate_labels, ind_labels, orders))
+        losses["loss_ins"] = losses["loss_ins"] * 0.0
+        return losses
 
     def _record(self, kernel_preds, ins_pred, targets):
         """kernel_preds: L levels x [B, E, S_l, S_l] (SOTR's are permuted views: reshape, not

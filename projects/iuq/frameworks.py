@@ -1,0 +1,219 @@
+"""The base frameworks IUQ trains on: where they come from, the commits our tests run against, the
+fixes their checkouts need with current PyTorch, and how to tell what an environment has.
+
+Used by ``tools/install_frameworks.py`` (which applies the fixes to a checkout) and by
+``python -m iuq.collect_env`` (which detects the snags they cure). Nothing here imports
+detectron2 or a framework: it must work on a machine that has neither.
+
+None of these frameworks is on a package registry. AdelaiDet and SOTR are both the package
+``adet`` (SOTR is a fork that keeps only SOTR), so an environment holds one or the other;
+Mask2Former and SparseInst have no ``setup.py``: their checkout roots go on the path.
+"""
+import importlib.util
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Framework:
+    name: str  # the installer's argument
+    url: str
+    commit: str  # the commit the tests run against
+    package: str  # the import name
+    models: tuple  # META_ARCHITECTUREs it provides
+    marker: str = ""  # a path inside the package that tells this framework from another with its name
+    setup_py: bool = True  # False: installed by putting its root on the path
+    fixes: tuple = field(default=())  # names of functions in FIXES, applied in order
+
+
+DETECTRON2 = Framework(
+    "detectron2", "https://github.com/facebookresearch/detectron2",
+    "02b5c4e295e990042a714712c21dc79b731e8833", "detectron2", (),
+)
+
+FRAMEWORKS = {
+    f.name: f
+    for f in (
+        Framework("adelaidet", "https://github.com/aim-uofa/AdelaiDet", "36721221eb572256206e60df6e9095ed00b2e08c",
+                  "adet", ("CondInst", "SOLOv2"), marker="modeling/condinst",
+                  fixes=("tensor_type", "thc_removal", "data_datasets_init", "rapidfuzz_pin")),
+        Framework("sotr", "https://github.com/easton-cau/SOTR", "341ef54ca0b197e76b9b6ff418906528857b10c0",
+                  "adet", ("SOTR",), marker="modeling/sotr",
+                  fixes=("tensor_type", "thc_removal", "data_datasets_init", "sotr_inplace_add")),
+        Framework("mask2former", "https://github.com/facebookresearch/Mask2Former",
+                  "9b0651c6c1d5b3af2e6da0589b719c514ec0d69a", "mask2former", ("MaskFormer",), setup_py=False),
+        Framework("sparseinst", "https://github.com/hustvl/SparseInst", "a89901534dd8a2c0ca00ae885611500f2ed67060",
+                  "sparseinst", ("SparseInst",), setup_py=False),
+    )
+}
+
+
+# --- fixes: each takes a checkout root, edits it in place, returns the files it changed (idempotent) ---
+
+def _edit(path, transform):
+    text = path.read_text()
+    new = transform(text)
+    if new == text:
+        return []
+    path.write_text(new)
+    return [path]
+
+
+def _csrc_files(root):
+    base = Path(root) / "adet" / "layers" / "csrc"
+    return sorted(p for p in base.rglob("*") if p.suffix in (".h", ".cpp", ".cu", ".cuh"))
+
+
+_DISPATCH_TYPE = re.compile(r"(AT_DISPATCH_[A-Z_]+\(\s*)([\w.>\-]+?)\.type\(\)")
+
+
+def fix_tensor_type(root):
+    """``Tensor::type()`` is gone from current PyTorch: ``x.type().is_cuda()`` -> ``x.is_cuda()``,
+    ``AT_DISPATCH_*(x.type(), ...)`` -> ``AT_DISPATCH_*(x.scalar_type(), ...)``."""
+    def transform(text):
+        text = text.replace(".type().is_cuda()", ".is_cuda()")
+        return _DISPATCH_TYPE.sub(r"\1\2.scalar_type()", text)
+
+    return [p for f in _csrc_files(root) for p in _edit(f, transform)]
+
+
+_THC = [
+    ("#include <THC/THC.h>", "#include <ATen/ceil_div.h>\n#include <ATen/cuda/Exceptions.h>"),
+    ("#include <THC/THCDeviceUtils.cuh>", "#include <c10/cuda/CUDACachingAllocator.h>"),
+    ("THCCeilDiv(", "at::ceil_div("),
+    ("THCudaCheck(", "AT_CUDA_CHECK("),
+    (".data<", ".data_ptr<"),
+]
+_THC_STATE = re.compile(r"^\s*THCState\s*\*\s*state\s*=.*\n", re.M)
+_THC_MALLOC = re.compile(r"THCudaMalloc\(\s*state\s*,\s*")
+_THC_FREE = re.compile(r"THCudaFree\(\s*state\s*,\s*")
+
+
+def fix_thc_removal(root):
+    """``ml_nms.cu`` uses the THC API, removed in PyTorch 1.11: ``THCCeilDiv`` -> ``at::ceil_div``,
+    ``THCudaMalloc/Free(state, ...)`` -> the caching allocator's ``raw_alloc/raw_delete``,
+    ``THCudaCheck`` -> ``AT_CUDA_CHECK``, ``.data<T>()`` -> ``.data_ptr<T>()``. (Only CUDA builds
+    compile it.)"""
+    def transform(text):
+        if "THC" not in text:
+            return text
+        for old, new in _THC:
+            text = text.replace(old, new)
+        text = _THC_STATE.sub("", text)
+        text = _THC_MALLOC.sub("c10::cuda::CUDACachingAllocator::raw_alloc(", text)
+        return _THC_FREE.sub("c10::cuda::CUDACachingAllocator::raw_delete(", text)
+
+    return [p for f in _csrc_files(root) if f.suffix in (".cu", ".cuh") for p in _edit(f, transform)]
+
+
+def fix_data_datasets_init(root):
+    """``adet/data/datasets/`` has no ``__init__.py``: a non-editable install leaves it out and
+    ``import adet.data`` fails."""
+    init = Path(root) / "adet" / "data" / "datasets" / "__init__.py"
+    if init.exists() or not init.parent.is_dir():
+        return []
+    init.write_text("")
+    return [init]
+
+
+def fix_rapidfuzz_pin(root):
+    """``adet.evaluation`` imports ``rapidfuzz.string_metric``, removed in rapidfuzz 3: pin
+    ``rapidfuzz<3`` in AdelaiDet's ``install_requires``."""
+    return _edit(Path(root) / "setup.py", lambda t: t.replace('"rapidfuzz",', '"rapidfuzz<3",'))
+
+
+def fix_sotr_inplace_add(root):
+    """SOTR's ``MaskHead.forward`` adds in place into a ReLU output autograd saved, so the first
+    backward fails ("modified by an inplace operation", SOTR issue #19): write ``x = x + y``."""
+    old = "feature_add_all_level += self.convs_all_levels[i](mask_feat)"
+    new = "feature_add_all_level = feature_add_all_level + self.convs_all_levels[i](mask_feat)"
+    return _edit(Path(root) / "adet" / "modeling" / "sotr" / "sotr.py", lambda t: t.replace(old, new))
+
+
+FIXES = {
+    "tensor_type": fix_tensor_type,
+    "thc_removal": fix_thc_removal,
+    "data_datasets_init": fix_data_datasets_init,
+    "rapidfuzz_pin": fix_rapidfuzz_pin,
+    "sotr_inplace_add": fix_sotr_inplace_add,
+}
+
+
+def apply_fixes(framework, root):
+    """Apply ``framework``'s fixes to the checkout at ``root``: {fix name: [files changed]}."""
+    return {name: FIXES[name](root) for name in framework.fixes}
+
+
+# --- what an environment has ---
+
+def package_locations(package):
+    """The directories ``import package`` could come from, in ``sys.path`` order (more than one:
+    two installs shadow each other)."""
+    found = []
+    for entry in sys.path:
+        candidate = Path(entry or ".") / package
+        if (candidate / "__init__.py").is_file() and candidate.resolve() not in found:
+            found.append(candidate.resolve())
+    spec = _find_spec(package)
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if Path(loc).resolve() not in found:
+            found.insert(0, Path(loc).resolve())
+    return found
+
+
+def _find_spec(package):
+    try:
+        return importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+
+
+def installed(framework):
+    """Where ``import framework.package`` resolves, if it is *this* framework (its marker), else None."""
+    spec = _find_spec(framework.package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    location = Path(list(spec.submodule_search_locations)[0])
+    if framework.marker and not (location / framework.marker).is_dir():
+        return None
+    return location
+
+
+def adet_flavours():
+    """Which of AdelaiDet / SOTR the importable ``adet`` directories hold: [(location, name)]."""
+    out = []
+    for loc in package_locations("adet"):
+        names = [f.name for f in FRAMEWORKS.values() if f.package == "adet" and (loc / f.marker).is_dir()]
+        out.append((loc, "+".join(names) or "unknown"))
+    return out
+
+
+def git_commit(path):
+    """The commit of the git checkout holding ``path``, read from ``.git`` (no git needed); None
+    where it is not a checkout."""
+    for parent in [Path(path).resolve(), *Path(path).resolve().parents]:
+        git = parent / ".git"
+        if git.is_file():  # a worktree: "gitdir: ..."
+            git = (parent / git.read_text().split(":", 1)[1].strip()).resolve()
+        if not git.is_dir():
+            continue
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head
+        ref = head.split(" ", 1)[1]
+        if (git / ref).is_file():
+            return (git / ref).read_text().strip()
+        packed = git / "packed-refs"
+        if packed.is_file():
+            for line in packed.read_text().splitlines():
+                if line.endswith(" " + ref):
+                    return line.split(" ", 1)[0]
+        return None
+    return None
+
+
+def install_command(name):
+    """The command that installs framework ``name`` (with detectron2) into the current environment."""
+    return f"python tools/install_frameworks.py {name}"

@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""Install detectron2 and a base framework into the *current* Python environment, checked.
+
+    python tools/install_frameworks.py adelaidet             # CondInst, SOLOv2
+    python tools/install_frameworks.py sotr                  # in an environment of its own
+    python tools/install_frameworks.py mask2former | sparseinst
+    python tools/install_frameworks.py adelaidet --source ~/src/AdelaiDet --detectron2-source ~/src/detectron2
+
+None of them is on a package registry. The installer clones the commits our tests run against
+(``iuq.frameworks``; ``--commit`` / ``--detectron2-commit`` to choose others) into ``--workdir``
+(default ``./frameworks``), or copies local checkouts (``--source``, ``--detectron2-source``:
+for machines without access to GitHub; your checkout itself is never modified), applies the
+fixes they need with current PyTorch (``iuq.frameworks.FIXES``: our code, documented there),
+builds against the installed torch (``pip install --no-build-isolation -e``; CUDA ops where a
+CUDA toolkit and GPU are present), and ends by building the framework's models and running one
+CPU training step with IUQ on (``--no-check`` skips it). What is installed already is said and
+left as it is, so a second run changes nothing (and checks nothing unless ``--check``). AdelaiDet and SOTR are both the package ``adet``:
+it refuses to put the second in an environment that has the first.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "projects"))  # `iuq` without installing: it needs no detectron2
+
+from iuq.frameworks import (DETECTRON2, FRAMEWORKS, adet_flavours, apply_fixes, git_commit,  # noqa: E402
+                            installed)
+
+# One CPU training step with IUQ on, per model (small: random init, short side 128, 2 images).
+STEP = ["SOLVER.MAX_ITER", "1", "DATASETS.TEST", "()", "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0",
+        "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "200",
+        "MODEL.IUQ.MEMORY.SIZE", "1000"]
+CHECKS = {
+    "adelaidet": [("CondInst", "configs/quickstart.yaml", []), ("SOLOv2", "configs/quickstart_solov2.yaml", [])],
+    "sotr": [("SOTR", "configs/IUQ/SOTR/R50.yaml",
+              ["MODEL.WEIGHTS", "", "DATASETS.TRAIN", "('iuq_quickstart_train',)", "MODEL.RESNETS.NORM", "BN",
+               "MODEL.BACKBONE.FREEZE_AT", "0", "SOLVER.BASE_LR", "0.0001"])],
+}
+# No IUQ adapter yet (issues 12, 14): the check builds the framework's own model on the CPU.
+BUILD_ONLY = {
+    "mask2former": ("configs/coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml",
+                    "from mask2former import add_maskformer2_config as add_config"),
+    "sparseinst": ("configs/sparse_inst_r50_giam.yaml", "from sparseinst import add_sparse_inst_config as add_config"),
+}
+
+
+def say(message):
+    print(f"[install] {message}", flush=True)
+
+
+def run(cmd, cwd=None, env=None, dry_run=False):
+    say("$ " + " ".join(str(c) for c in cmd) + (f"   (in {cwd})" if cwd else ""))
+    if not dry_run:
+        subprocess.run([str(c) for c in cmd], cwd=cwd, env={**os.environ, **(env or {})}, check=True)
+
+
+def cuda_build():
+    """Whether CUDA ops can be built here: a GPU torch sees and a CUDA toolkit (CUDA_HOME)."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return bool(torch.cuda.is_available() and CUDA_HOME)
+
+
+def build_env(jobs):
+    return {"FORCE_CUDA": "1" if cuda_build() else "0", "MAX_JOBS": str(jobs)}
+
+
+def obtain(framework, dest, source, commit, dry_run):
+    """A checkout of ``framework`` at ``dest``: the one already there, a copy of ``source``, or a
+    clone of its URL at ``commit``."""
+    if dest.exists():
+        say(f"{framework.name}: using the checkout already at {dest}")
+        return
+    if source:
+        source = Path(source).expanduser().resolve()
+        if not source.is_dir():
+            raise SystemExit(f"--source {source}: not a directory")
+        say(f"{framework.name}: copying {source} to {dest} (your checkout is left as it is)")
+        if not dry_run:
+            shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns("build", "*.so", "*.egg-info"))
+        if commit:
+            run(["git", "checkout", "-q", commit], cwd=dest, dry_run=dry_run)
+        return
+    run(["git", "clone", "-q", framework.url, dest], dry_run=dry_run)
+    run(["git", "checkout", "-q", commit or framework.commit], cwd=dest, dry_run=dry_run)
+
+
+def site_packages():
+    return Path(sysconfig.get_paths()["purelib"])
+
+
+def put_on_path(framework, root, dry_run):
+    """Mask2Former and SparseInst have no setup.py: a ``.pth`` file in site-packages puts their
+    root on the path. Mask2Former's deformable-attention op builds only with CUDA; without it an
+    empty ``MultiScaleDeformableAttention`` module (ours, under ``root/../iuq_shims``) lets
+    ``import mask2former`` succeed, and its layer then runs its PyTorch path on the CPU."""
+    entries = [str(root)]
+    if framework.name == "mask2former":
+        if cuda_build():
+            run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "."],
+                cwd=root / "mask2former/modeling/pixel_decoder/ops", dry_run=dry_run)
+        else:
+            shim = root.parent / "iuq_shims"
+            say(f"mask2former: no CUDA here, so its op is not built; an empty MultiScaleDeformableAttention in {shim} "
+                "lets its deformable attention run in PyTorch (CPU)")
+            if not dry_run:
+                shim.mkdir(exist_ok=True)
+                (shim / "MultiScaleDeformableAttention.py").write_text(
+                    '"""Stand-in written by iuq tools/install_frameworks.py: Mask2Former\'s CUDA op is not built '
+                    'here; its MSDeformAttn falls back to PyTorch on CPU tensors."""\n')
+            entries.append(str(shim))
+    requirements = root / "requirements.txt"
+    if requirements.is_file():
+        run([sys.executable, "-m", "pip", "install", "-r", requirements], dry_run=dry_run)
+    pth = site_packages() / f"iuq-framework-{framework.name}.pth"
+    say(f"{framework.name}: {pth} puts {', '.join(entries)} on the path")
+    if not dry_run:
+        pth.write_text("\n".join(entries) + "\n")
+
+
+def refuse_mixing(framework):
+    """AdelaiDet and SOTR are both ``adet``: refuse the second in an environment with the first."""
+    if framework.package != "adet":
+        return
+    others = [(loc, name) for loc, name in adet_flavours() if framework.name not in name.split("+")]
+    if others:
+        loc, name = others[0]
+        raise SystemExit(
+            f"[install] refusing: this environment already has `adet` from {name} ({loc}). AdelaiDet and SOTR "
+            f"are both the package `adet`, so one environment holds one of them; installing {framework.name} here "
+            f"would shadow the other. Make an environment for it:\n"
+            f"    python3 -m venv venv-{framework.name} && source venv-{framework.name}/bin/activate\n"
+            f"    pip install -r requirements/tested.txt -e . && python tools/install_frameworks.py {framework.name}"
+        )
+
+
+def install_one(framework, workdir, source, commit, jobs, dry_run):
+    where = installed(framework)
+    if where is not None:
+        say(f"{framework.name}: already installed at {where} (commit {git_commit(where) or 'unknown'}); left as it is")
+        return False
+    dest = workdir / framework.name
+    obtain(framework, dest, source, commit, dry_run)
+    if not dry_run:
+        for fix, files in apply_fixes(framework, dest).items():
+            say(f"{framework.name}: fix {fix}: " + (", ".join(str(f.relative_to(dest)) for f in files) or "nothing to change"))
+    if framework.setup_py:
+        run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "-e", "."], cwd=dest,
+            env=build_env(jobs), dry_run=dry_run)
+    else:
+        put_on_path(framework, dest, dry_run)
+    return True
+
+
+def check(name, workdir, keep):
+    """Build the framework's models and run one CPU training step with IUQ on (or, without an
+    adapter yet, build its own model); raise SystemExit naming what failed."""
+    out = Path(tempfile.mkdtemp(prefix=f"iuq-check-{name}-"))
+    env = {"IUQ_QUICKSTART_ROOT": str(out / "datasets"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    try:
+        for model, config, extra in CHECKS.get(name, []):
+            start = time.perf_counter()
+            cmd = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(REPO / config)]
+            cmd += STEP + extra + ["OUTPUT_DIR", str(out / model)]
+            try:
+                run(cmd, env=env)
+            except subprocess.CalledProcessError:
+                raise SystemExit(f"[install] check failed: one CPU training step of {model} with IUQ on ({config}); "
+                                 f"its log is in {out / model}") from None
+            say(f"check: {model} trained one step with IUQ on ({time.perf_counter() - start:.0f} s)")
+        if name in BUILD_ONLY:
+            config, import_line = BUILD_ONLY[name]
+            script = (
+                "from detectron2.config import get_cfg\nfrom detectron2.modeling import build_model\n"
+                "from detectron2.projects.deeplab import add_deeplab_config\n"
+                f"{import_line}\ncfg = get_cfg()\nadd_deeplab_config(cfg)\nadd_config(cfg)\n"
+                f"cfg.merge_from_file({str(workdir / name / config)!r})\n"
+                "cfg.MODEL.DEVICE = 'cpu'\ncfg.MODEL.WEIGHTS = ''\nm = build_model(cfg)\n"
+                "print(type(m).__name__, sum(p.numel() for p in m.parameters()), 'parameters')\n"
+            )
+            try:
+                run([sys.executable, "-c", script], env=env)
+            except subprocess.CalledProcessError:
+                raise SystemExit(f"[install] check failed: building {name}'s model from {config}") from None
+            say(f"check: {name}'s model builds on the CPU (its IUQ adapter is not written yet: no training step)")
+    finally:
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("framework", choices=sorted(FRAMEWORKS))
+    p.add_argument("--source", help="a local checkout of the framework (copied; not modified)")
+    p.add_argument("--commit", help="the framework's commit (default: the tested one)")
+    p.add_argument("--detectron2-source", help="a local checkout of detectron2 (copied; not modified)")
+    p.add_argument("--detectron2-commit", help=f"default: {DETECTRON2.commit[:7]}")
+    p.add_argument("--workdir", default="frameworks", help="where the checkouts are built and stay (editable installs)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs (MAX_JOBS)")
+    p.add_argument("--no-check", action="store_true", help="skip building the models and the training step")
+    p.add_argument("--check", action="store_true", help="run the check even when nothing was installed")
+    p.add_argument("--keep-check", action="store_true", help="keep the check's output folder")
+    p.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
+    args = p.parse_args(argv)
+
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("[install] torch is not installed: first `pip install -r requirements/tested.txt -e .`") from None
+    framework = FRAMEWORKS[args.framework]
+    workdir = Path(args.workdir).expanduser().resolve()
+    say(f"torch {torch.__version__}, CUDA ops: {'yes' if cuda_build() else 'no (CPU build)'}; checkouts in {workdir}")
+    refuse_mixing(framework)
+    if not args.dry_run:
+        workdir.mkdir(parents=True, exist_ok=True)
+    changed = install_one(DETECTRON2, workdir, args.detectron2_source, args.detectron2_commit, args.jobs, args.dry_run)
+    changed |= install_one(framework, workdir, args.source, args.commit, args.jobs, args.dry_run)
+    if not changed:
+        say(f"nothing to do: detectron2 and {framework.name} are installed (--check runs the check anyway)")
+    if (changed or args.check) and not (args.no_check or args.dry_run):
+        check(framework.name, workdir, args.keep_check)
+    say("done")
+
+
+if __name__ == "__main__":
+    main()

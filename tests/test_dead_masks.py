@@ -63,6 +63,10 @@ def test_dead_masks_are_detected_and_logged_once(trainer, caplog, monkeypatch):
     assert float(trainer.own_mask_probability(dead, 2).max()) < 1e-6
     assert float(trainer.own_mask_probability(alive, 2).min()) > 0.99
     trainer.dead_steps = 0
+    # Directly on the logger: train_net's setup_logger("iuq") stops propagation to the root (and
+    # so to caplog) once an earlier test in the session has run train_net.
+    monkeypatch.setattr(logging.getLogger("iuq.trainer"), "handlers", [caplog.handler])
+    monkeypatch.setattr(logging.getLogger("iuq.trainer"), "propagate", False)
     with caplog.at_level(logging.WARNING, logger="iuq.trainer"):
         for _ in range(2):
             trainer.watch_dead_masks(dead, 2)

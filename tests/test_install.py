@@ -203,25 +203,57 @@ def test_report_detects_the_known_snags(tmp_path):
     assert "CPU stand-in (PyTorch fallback)" in out and "op is not built" not in out and "mixed" not in out
 
 
+def test_report_in_this_environment_matches_what_imports():
+    """The report here, as a user runs it: with detectron2, its own collect_env table first, then
+    ours, whose rows agree with what actually imports."""
+    import importlib.util
+
+    out = subprocess.run([sys.executable, "-m", "iuq.collect_env"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()
+            if line.split()[:1] and line.split()[0] in ("detectron2", "adelaidet", "sotr") and len(line.split()) > 1}
+    has_d2 = importlib.util.find_spec("detectron2") is not None
+    assert rows["detectron2"] == ("yes" if has_d2 else "no")
+    if has_d2:
+        assert "PyTorch built with" in out  # detectron2's own report
+    adet = importlib.util.find_spec("adet")
+    for name, marker in (("adelaidet", "condinst"), ("sotr", "sotr")):
+        here = adet is not None and (Path(list(adet.submodule_search_locations)[0]) / "modeling" / marker).is_dir()
+        assert rows[name] == ("yes" if here else "no"), name
+
+
 @pytest.mark.skipif(not os.environ.get("IUQ_FRAMEWORK_CHECKOUTS"),
                     reason="set IUQ_FRAMEWORK_CHECKOUTS to a folder holding detectron2/ and AdelaiDet/ checkouts "
                            "(slow: a fresh virtual environment, builds both, trains a step; ~20 min on 2 cores)")
 def test_install_frameworks_end_to_end(tmp_path):
     """From a fresh virtual environment: the README's install command, the installer from local
-    checkouts, a second run that changes nothing, the report, and the quickstart's first steps."""
+    checkouts, a second run that changes nothing, the report. Prints each step's time and the
+    disk it took (``-s`` shows them)."""
+    import time
+
     checkouts = Path(os.environ["IUQ_FRAMEWORK_CHECKOUTS"])
-    venv = tmp_path / "venv"
+    venv, work = tmp_path / "venv", tmp_path / "fw"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = str(venv / "bin" / "python")
 
-    def sh(*cmd, **kw):
-        return subprocess.run([py, *cmd], cwd=REPO, check=True, capture_output=True, text=True, **kw).stdout
+    def sh(*cmd):
+        start = time.perf_counter()
+        out = subprocess.run([py, *cmd], cwd=REPO, check=True, capture_output=True, text=True).stdout
+        print(f"[e2e] {' '.join(cmd[:2])}: {time.perf_counter() - start:.0f} s")
+        return out
+
+    def disk(path):
+        return subprocess.run(["du", "-sh", str(path)], capture_output=True, text=True).stdout.split()[0]
 
     sh("-m", "pip", "install", "-q", "-r", "requirements/tested.txt", "-e", ".")
+    print(f"[e2e] venv after the package: {disk(venv)}")
     first = sh("tools/install_frameworks.py", "adelaidet", "--source", str(checkouts / "AdelaiDet"),
-               "--detectron2-source", str(checkouts / "detectron2"), "--workdir", str(tmp_path / "fw"), "--jobs", "2")
+               "--detectron2-source", str(checkouts / "detectron2"), "--workdir", str(work), "--jobs", "2")
+    print(f"[e2e] venv after the frameworks: {disk(venv)}; their checkouts and builds: {disk(work)}")
     assert "check: CondInst trained one step with IUQ on" in first and "check: SOLOv2 trained one step" in first
-    second = sh("tools/install_frameworks.py", "adelaidet", "--workdir", str(tmp_path / "fw"))
+    assert "adelaidet: fix tensor_type: adet/layers/csrc/" in first
+    second = sh("tools/install_frameworks.py", "adelaidet", "--workdir", str(work))
     assert "detectron2: already installed" in second and "nothing to do" in second
     env = sh("-m", "iuq.collect_env")
     assert any(line.split()[:2] == ["adelaidet", "yes"] for line in env.splitlines())
+    assert "known snags: none detected" in env

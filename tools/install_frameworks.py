@@ -93,6 +93,15 @@ def obtain(framework, dest, source, commit, dry_run):
     run(["git", "checkout", "-q", commit or framework.commit], cwd=dest, dry_run=dry_run)
 
 
+def ensure_build_tools(dry_run):
+    """``--no-build-isolation`` builds with what the environment has: a fresh virtual environment
+    lacks ``wheel`` (setuptools then fails with "invalid command 'bdist_wheel'")."""
+    import importlib.util
+
+    if importlib.util.find_spec("wheel") is None:
+        run([sys.executable, "-m", "pip", "install", "wheel", "setuptools>=64"], dry_run=dry_run)
+
+
 def site_packages():
     return Path(sysconfig.get_paths()["purelib"])
 
@@ -120,6 +129,8 @@ def put_on_path(framework, root, dry_run):
     requirements = root / "requirements.txt"
     if requirements.is_file():
         run([sys.executable, "-m", "pip", "install", "-r", requirements], dry_run=dry_run)
+    if framework.requires:
+        run([sys.executable, "-m", "pip", "install", *framework.requires], dry_run=dry_run)
     pth = site_packages() / f"iuq-framework-{framework.name}.pth"
     say(f"{framework.name}: {pth} puts {', '.join(entries)} on the path")
     if not dry_run:
@@ -153,6 +164,7 @@ def install_one(framework, workdir, source, commit, jobs, dry_run):
         for fix, files in apply_fixes(framework, dest).items():
             say(f"{framework.name}: fix {fix}: " + (", ".join(str(f.relative_to(dest)) for f in files) or "nothing to change"))
     if framework.setup_py:
+        ensure_build_tools(dry_run)
         run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "-e", "."], cwd=dest,
             env=build_env(jobs), dry_run=dry_run)
     else:

@@ -26,6 +26,7 @@ class Framework:
     marker: str = ""  # a path inside the package that tells this framework from another with its name
     setup_py: bool = True  # False: installed by putting its root on the path
     fixes: tuple = field(default=())  # names of functions in FIXES, applied in order
+    requires: tuple = ()  # what it imports that neither it nor detectron2 declares (no setup.py)
 
 
 DETECTRON2 = Framework(
@@ -45,7 +46,7 @@ FRAMEWORKS = {
         Framework("mask2former", "https://github.com/facebookresearch/Mask2Former",
                   "9b0651c6c1d5b3af2e6da0589b719c514ec0d69a", "mask2former", ("MaskFormer",), setup_py=False),
         Framework("sparseinst", "https://github.com/hustvl/SparseInst", "a89901534dd8a2c0ca00ae885611500f2ed67060",
-                  "sparseinst", ("SparseInst",), setup_py=False),
+                  "sparseinst", ("SparseInst",), setup_py=False, requires=("timm", "scipy")),
     )
 }
 

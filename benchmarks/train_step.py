@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""What IUQ costs in a real training step: CondInst R50 and SOLOv2 R50 (AdelaiDet), random
-initialisation, the paper's per-GPU load (2 images per step, short side 800, long side <= 1333,
-images from coco_2017_train), at equal images per step.
+"""What IUQ costs in a real training step: CondInst R50 and SOLOv2 R50 (AdelaiDet), SparseInst R50
+G-IAM, random initialisation, the paper's per-GPU load (2 images per step, short side 800, long
+side <= 1333; SparseInst at its recipe's 640 / 853; images from coco_2017_train), at equal images
+per step.
 
     python benchmarks/train_step.py                      # both models, 10K / 100K / 1M, CPU
     python benchmarks/train_step.py --models CondInst --memory 100000 --batches 5 --device cuda
@@ -71,7 +72,12 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"CondInst": "configs/IUQ/CondInst/MS_R_50_1x.yaml", "SOLOv2": "configs/IUQ/SOLOv2/R50_1x.yaml"}
+CONFIGS = {"CondInst": "configs/IUQ/CondInst/MS_R_50_1x.yaml", "SOLOv2": "configs/IUQ/SOLOv2/R50_1x.yaml",
+           "SparseInst": "configs/IUQ/SparseInst/R50_GIAM.yaml"}
+# Per model: the package it needs, and its recipe's largest training scale (--min-size / --max-size
+# default to it: SparseInst trains at short side <= 640, long side <= 853; AdelaiDet at 800 / 1333).
+PACKAGES = {"CondInst": "adet", "SOLOv2": "adet", "SparseInst": "sparseinst"}
+SIZES = {"SparseInst": (640, 853)}
 MODES = {  # (INTER.ENABLED, EQUI.MODE)
     "baseline": (False, "augment"),
     "inter": (True, "augment"),
@@ -136,11 +142,12 @@ def child(model, args):
     from iuq.trainer import IUQTrainer
 
     register_base_models()
+    min_size, max_size = sizes(model, args)
     cfg = get_iuq_cfg()
     cfg.merge_from_file(os.path.join(REPO, CONFIGS[model]))
     cfg.merge_from_list([
         "MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "SEED", "1",
-        "INPUT.MIN_SIZE_TRAIN", f"({args.min_size},)", "INPUT.MAX_SIZE_TRAIN", str(args.max_size),
+        "INPUT.MIN_SIZE_TRAIN", f"({min_size},)", "INPUT.MAX_SIZE_TRAIN", str(max_size),
         "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "SOLVER.BASE_LR", "0.001",
         "MODEL.IUQ.MEMORY.SIZE", "1000", "OUTPUT_DIR", "/tmp/iuq_bench",
     ])
@@ -296,16 +303,30 @@ def peaks(runs, batches, step, peak, full_memory, dim, memories):
     return {key: {"peak_bytes": sum(v) / len(v)} for key, v in found.items()}
 
 
+def sizes(model, args):
+    """(short side, long side cap) of the benchmark's images: --min-size / --max-size, else the
+    model's recipe scale (SIZES), else 800 / 1333."""
+    default = SIZES.get(model, (800, 1333))
+    return args.min_size or default[0], args.max_size or default[1]
+
+
+def installed_models():
+    import importlib.util
+
+    return [m for m in CONFIGS if importlib.util.find_spec(PACKAGES[m]) is not None] or list(CONFIGS)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--models", nargs="+", default=installed_models(), choices=list(CONFIGS),
+                   help="default: those whose package is installed here")
     p.add_argument("--memory", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--batches", type=int, default=2, help="timed batches (each run in every mode)")
     p.add_argument("--rounds", type=int, default=1, help="timed steps of every mode per batch")
-    p.add_argument("--min-size", type=int, default=800)
-    p.add_argument("--max-size", type=int, default=1333)
+    p.add_argument("--min-size", type=int, default=None, help="default: the model's recipe scale (800, SparseInst 640)")
+    p.add_argument("--max-size", type=int, default=None, help="default: 1333, SparseInst 853")
     p.add_argument("--system-malloc", action="store_true",
                    help="CPU: time with glibc's default allocator settings (see 'CPU allocator')")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -324,8 +345,8 @@ def main():
     rows, per_iter = [], []
     for model in args.models:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", model, "--device", args.device,
-               "--batches", str(args.batches), "--rounds", str(args.rounds), "--min-size", str(args.min_size),
-               "--max-size", str(args.max_size), "--memory", *map(str, args.memory), "--modes", *args.modes, "--child-phase"]
+               "--batches", str(args.batches), "--rounds", str(args.rounds), "--min-size", str(sizes(model, args)[0]),
+               "--max-size", str(sizes(model, args)[1]), "--memory", *map(str, args.memory), "--modes", *args.modes, "--child-phase"]
         caching = {} if args.device.startswith("cuda") or args.system_malloc else {  # as on GPU
             "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
         results = {}
@@ -358,7 +379,8 @@ def main():
             per_iter.append(f"{model:9} {mode:9} {size:>8} | {STEP_IMAGES.get(mode, IMAGES_PER_STEP):6} | "
                             f"{r['ratio'] / twin['ratio']:8.3f} | {r['peak_bytes'] / twin['peak_bytes']:7.3f}")
     malloc = "" if args.device.startswith("cuda") else (", system malloc" if args.system_malloc else ", caching malloc")
-    print(f"\nIUQ training-step cost, device={args.device}{malloc}, {args.min_size}x<={args.max_size}, "
+    scales = ", ".join(f"{m} {sizes(m, args)[0]}x<={sizes(m, args)[1]}" for m in args.models)
+    print(f"\nIUQ training-step cost, device={args.device}{malloc}, {scales}, "
           f"{IMAGES_PER_STEP} images/step, {args.batches} batches x {args.rounds} rounds x every mode; peak = {unit}")
     print(f"{'model':9} {'mode':9} {'memory':>8} | {'s/image':>8} {'time x':>7} {'median x   n':>11} | {'in-step x':>9} "
           f"{'IUQ s/im':>8} | {'peak GiB':>8} {'peak x':>7} | {'queries':>7}")

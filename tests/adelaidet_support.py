@@ -14,6 +14,7 @@ CONFIGS = {
     "CondInst": REPO / "configs/IUQ/CondInst/MS_R_50_1x.yaml",
     "SOLOv2": REPO / "configs/IUQ/SOLOv2/R50_1x.yaml",
     "SOTR": REPO / "configs/IUQ/SOTR/R50.yaml",
+    "SparseInst": REPO / "configs/IUQ/SparseInst/R50_GIAM.yaml",
 }
 
 # Small and quick on a CPU: short side 256, 2 images per step, small memory, random init.
@@ -30,6 +31,8 @@ SMALL = [
 # (its classification loss reaches ~1e6 at the first step): train BN from the stem, lr 1e-4.
 MODEL_SMALL = {
     "SOTR": ["MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", "0", "SOLVER.BASE_LR", "0.0001"],
+    # SparseInst from random init with FrozenBN: loss_ce ~3e3 and loss_mask ~1e3 at the first step.
+    "SparseInst": ["MODEL.RESNETS.NORM", "BN", "SOLVER.BASE_LR", "0.00005"],
 }
 
 
@@ -63,6 +66,13 @@ def require_sotr():
     if not adet_provides("sotr"):
         pytest.skip("SOTR (github.com/easton-cau/SOTR, package adet) is not installed here; it needs "
                     "its own environment (README: SOTR)", allow_module_level=True)
+    _require_coco()
+
+
+def require_sparseinst():
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (not on PyPI; see README)")
+    pytest.importorskip("sparseinst", reason="SparseInst is not installed (python tools/install_frameworks.py "
+                                              "sparseinst; README: Install)")
     _require_coco()
 
 

@@ -11,7 +11,8 @@ require_adelaidet()
 
 
 def test_train_step_benchmark_prints_every_models_ratios():
-    cmd = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--modes", "baseline", "both", "twin", "matched",
+    cmd = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--models", "CondInst", "SOLOv2",
+           "--modes", "baseline", "both", "twin", "matched",
            "--memory", "2000", "--batches", "1", "--min-size", "160", "--max-size", "240"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -42,12 +42,13 @@ CHECKS = {
     "sotr": [("SOTR", "configs/IUQ/SOTR/R50.yaml",
               ["MODEL.WEIGHTS", "", "DATASETS.TRAIN", "('iuq_quickstart_train',)", "MODEL.RESNETS.NORM", "BN",
                "MODEL.BACKBONE.FREEZE_AT", "0", "SOLVER.BASE_LR", "0.0001"])],
+    "sparseinst": [("SparseInst", "configs/IUQ/SparseInst/R50_GIAM.yaml",
+                    ["MODEL.WEIGHTS", "", "DATASETS.TRAIN", "('iuq_quickstart_train',)", "MODEL.RESNETS.NORM", "BN"])],
 }
-# No IUQ adapter yet (issues 12, 14): the check builds the framework's own model on the CPU.
+# No IUQ adapter yet (issue 12): the check builds the framework's own model on the CPU.
 BUILD_ONLY = {
     "mask2former": ("configs/coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml",
                     "from mask2former import add_maskformer2_config as add_config"),
-    "sparseinst": ("configs/sparse_inst_r50_giam.yaml", "from sparseinst import add_sparse_inst_config as add_config"),
 }
 
 

@@ -165,5 +165,19 @@ def get_iuq_cfg():
     except ImportError:
         from detectron2.config import get_cfg
     cfg = get_cfg()
+    add_base_model_configs(cfg)
     add_iuq_config(cfg)
     return cfg
+
+
+def add_base_model_configs(cfg):
+    """The config keys of the installed base frameworks that have a config function (SparseInst's
+    ``MODEL.SPARSE_INST``, ``SOLVER.OPTIMIZER``, ...). SparseInst's also sets ``MODEL.DEVICE`` to
+    cuda: the value before it is kept, so that the YAML and the command line decide."""
+    try:
+        from sparseinst import add_sparse_inst_config
+    except ImportError:
+        return
+    device = cfg.MODEL.DEVICE
+    add_sparse_inst_config(cfg)
+    cfg.MODEL.DEVICE = device

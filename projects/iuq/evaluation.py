@@ -3,7 +3,8 @@
 import os
 
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import COCOEvaluator, LVISEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, LVISEvaluator
+from detectron2.structures import BitMasks
 
 
 def build_evaluator(cfg, dataset_name, output_folder=None):
@@ -11,10 +12,32 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
 
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
     if "lvis" in dataset_name:
-        return LVISEvaluator(dataset_name, output_dir=output_folder)
+        return BoxesFromMasks(LVISEvaluator(dataset_name, output_dir=output_folder))
     if not dataset_has_annotations(dataset_name):
         name = os.path.basename(os.path.normpath(cfg.OUTPUT_DIR)) or "iuq"
-        return COCOSubmissionWriter(dataset_name, output_folder, name)
+        return BoxesFromMasks(COCOSubmissionWriter(dataset_name, output_folder, name))
     if "json_file" not in MetadataCatalog.get(dataset_name).as_dict():
         raise ValueError(f"DATASETS.TEST: dataset {dataset_name!r} is neither COCO- nor LVIS-style")
-    return COCOEvaluator(dataset_name, tasks=("segm",), output_dir=output_folder)
+    return BoxesFromMasks(COCOEvaluator(dataset_name, tasks=("segm",), output_dir=output_folder))
+
+
+class BoxesFromMasks(DatasetEvaluator):
+    """``evaluator``, fed predictions that have ``pred_boxes``: models that predict masks only
+    (SparseInst) get the tight box of each mask (detectron2's evaluators write a box per result;
+    segm AP does not use it)."""
+
+    def __init__(self, evaluator):
+        self.evaluator = evaluator
+
+    def reset(self):
+        self.evaluator.reset()
+
+    def process(self, inputs, outputs):
+        for out in outputs:
+            inst = out.get("instances")
+            if inst is not None and not inst.has("pred_boxes") and inst.has("pred_masks"):
+                inst.pred_boxes = BitMasks(inst.pred_masks).get_bounding_boxes()
+        self.evaluator.process(inputs, outputs)
+
+    def evaluate(self):
+        return self.evaluator.evaluate()

@@ -215,6 +215,11 @@ def git_commit(path):
     return None
 
 
+def framework_for(model):
+    """The framework that provides meta-architecture ``model``."""
+    return next(f for f in FRAMEWORKS.values() if model in f.models)
+
+
 def install_command(name):
     """The command that installs framework ``name`` (with detectron2) into the current environment."""
     return f"python tools/install_frameworks.py {name}"

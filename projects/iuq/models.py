@@ -5,17 +5,19 @@ AdelaiDet (CondInst, SOLOv2) and SOTR are both installed as the package ``adet``
 environment has at most one of them; a SOTR config in AdelaiDet's environment (or the reverse)
 would otherwise fail deep inside yacs or detectron2's registry with no hint of the cause.
 """
+import importlib
 import logging
 import re
 from contextlib import contextmanager
 
 from .adapters.base import BUILTIN_ADAPTERS
-from .frameworks import install_command
+from .frameworks import framework_for, install_command
 
 logger = logging.getLogger(__name__)
 
 # Config nodes a base model's package adds -> the meta-architecture whose package adds them.
-MODEL_CONFIG_NODES = {"CONDINST": "CondInst", "FCOS": "CondInst", "SOLOV2": "SOLOv2", "SOTR": "SOTR"}
+MODEL_CONFIG_NODES = {"CONDINST": "CondInst", "FCOS": "CondInst", "SOLOV2": "SOLOv2", "SOTR": "SOTR",
+                      "SPARSE_INST": "SparseInst"}
 _MISSING_KEY = re.compile(r"Non-existent (?:config )?key: (MODEL\.([A-Z0-9_]+)[A-Z0-9_.]*)")
 
 
@@ -24,13 +26,15 @@ class BaseModelUnavailable(ImportError):
 
 
 def register_base_models(cfg=None):
-    """Import the installed ``adet`` (AdelaiDet: CondInst, SOLOv2; or SOTR), which registers its
-    meta-architectures. With ``cfg``, raise :class:`BaseModelUnavailable` naming the package if
-    ``cfg.MODEL.META_ARCHITECTURE`` is one IUQ knows but detectron2's registry does not."""
-    try:
-        import adet.modeling  # noqa: F401  (registers its meta-architectures)
-    except ImportError as e:
-        logger.info("`adet` (AdelaiDet or SOTR) is not importable (%s): its meta-architectures are unavailable", e)
+    """Import the installed ``adet`` (AdelaiDet: CondInst, SOLOv2; or SOTR) and ``sparseinst``,
+    which register their meta-architectures. With ``cfg``, raise :class:`BaseModelUnavailable`
+    naming the package if ``cfg.MODEL.META_ARCHITECTURE`` is one IUQ knows but detectron2's
+    registry does not."""
+    for module, what in (("adet.modeling", "`adet` (AdelaiDet or SOTR)"), ("sparseinst", "SparseInst")):
+        try:
+            importlib.import_module(module)  # registers its meta-architectures
+        except ImportError as e:
+            logger.info("%s is not importable (%s): its meta-architectures are unavailable", what, e)
     if cfg is not None:
         require_base_model(cfg.MODEL.META_ARCHITECTURE)
 
@@ -46,13 +50,25 @@ def require_base_model(name):
 
 def unavailable_message(name, what):
     package = BUILTIN_ADAPTERS[name][1]
-    installer = "sotr" if name == "SOTR" else "adelaidet"
+    framework = framework_for(name)
+    if framework.package != "adet":
+        return (f"{what} needs the {name} meta-architecture, provided by {package}, which is not installed here "
+                f"({_which(framework.package)}). Install it with `{install_command(framework.name)}` "
+                "(README: Install).")
     return (
         f"{what} needs the {name} meta-architecture, provided by {package}, which is not installed "
-        f"here ({_which_adet()}). Install it with `{install_command(installer)}` (in an environment of its "
+        f"here ({_which_adet()}). Install it with `{install_command(framework.name)}` (in an environment of its "
         "own where the other `adet` is installed: AdelaiDet and SOTR are both the package `adet` and cannot "
         "share an environment; README: Install)."
     )
+
+
+def _which(package):
+    try:
+        importlib.import_module(package)
+    except ImportError as e:
+        return f"`import {package}` fails: {e}"
+    return f"`{package}` imports but registers no {package} meta-architecture"
 
 
 def _which_adet():

@@ -86,9 +86,20 @@ class IUQTrainer(DefaultTrainer):
         self.dead_steps = 0  # consecutive steps whose masks are all off (see own_mask_probability)
 
     @classmethod
+    def build_optimizer(cls, cfg, model):
+        """The base model's own optimizer where its adapter names one (SparseInst: AdamW with its
+        parameter groups), else detectron2's."""
+        adapter = adapter_class(cfg) if has_adapter(cfg) else None
+        return (adapter and adapter.build_optimizer(cfg, model)) or super().build_optimizer(cfg, model)
+
+    @classmethod
     def build_train_loader(cls, cfg):
-        # IUQ needs instance masks whatever MODEL.MASK_ON says.
-        mapper = DatasetMapper(**{**DatasetMapper.from_config(cfg, is_train=True), "use_instance_mask": True})
+        # The base model's own mapper where its adapter names one; else detectron2's, with instance
+        # masks whatever MODEL.MASK_ON says (IUQ needs them).
+        adapter = adapter_class(cfg) if has_adapter(cfg) else None
+        mapper = adapter and adapter.train_mapper(cfg)
+        if mapper is None:
+            mapper = DatasetMapper(**{**DatasetMapper.from_config(cfg, is_train=True), "use_instance_mask": True})
         # The dicts as detectron2's loader would read them, read here once so that their masks are
         # checked before the first step.
         dataset = get_detection_dataset_dicts(

@@ -24,6 +24,7 @@ BUILTIN_ADAPTERS = {
         "iuq.adapters.sotr",
         "SOTR (github.com/easton-cau/SOTR; its package is also named `adet`, so it needs its own environment)",
     ),
+    "SparseInst": ("iuq.adapters.sparseinst", "SparseInst (github.com/hustvl/SparseInst, package `sparseinst`)"),
 }
 
 
@@ -83,6 +84,17 @@ class IUQAdapter:
             yield self.captured
         finally:
             self.captured = None
+
+    @classmethod
+    def train_mapper(cls, cfg):
+        """The dataset mapper the base model trains with (it must keep instance masks), or None
+        for detectron2's ``DatasetMapper`` with instance masks."""
+        return None
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """The optimizer the base model trains with, or None for detectron2's default (SGD)."""
+        return None
 
     def decode_samples(self, queries, query_meta, embeddings, locations):
         """Logits [Q, C] of the queries on arbitrary pixel samples: embeddings [C, D], their

@@ -168,3 +168,28 @@ def check_trains_through_empty_images(trainer, dataset, mask_key, cls_key):
         trainer.memory.enqueue(samples.detach())
         seen.add(name)
     return seen
+
+
+def run_hiding(package, code_after):
+    """Run ``code_after`` in a child Python (in the repository) where ``package`` cannot be
+    imported, installed here or not: (returncode, stderr)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import importlib.abc, runpy, sys
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == {package!r}:
+            raise ModuleNotFoundError("No module named %r" % name, name=name)
+sys.meta_path.insert(0, Hide())
+{code_after}
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    return result.returncode, result.stderr
+
+
+def train_net_hiding(package, *argv):
+    """``python train_net.py ARGV`` where ``package`` cannot be imported: (returncode, stderr)."""
+    return run_hiding(package, f"sys.argv = ['train_net.py', *{list(argv)!r}]\n"
+                               "runpy.run_path('train_net.py', run_name='__main__')")

@@ -13,27 +13,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from adelaidet_support import CONFIGS, MODEL_SMALL, REPO, SMALL, register_subset
-
-# The error for a missing SparseInst: train_net.py run where `sparseinst` cannot be imported.
-WITHOUT_SPARSEINST = """
-import importlib.abc, runpy, sys
-class Hide(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "sparseinst":
-            raise ModuleNotFoundError("No module named %r" % name, name=name)
-sys.meta_path.insert(0, Hide())
-sys.argv = ["train_net.py", "--config-file", {config!r}, "MODEL.DEVICE", "cpu"]
-runpy.run_path("train_net.py", run_name="__main__")
-"""
-
+from adelaidet_support import CONFIGS, MODEL_SMALL, REPO, SMALL, register_subset, train_net_hiding
 
 def test_a_sparseinst_config_without_sparseinst_names_the_installer():
     pytest.importorskip("detectron2", reason="detectron2 is not installed (not on PyPI; see README)")
-    code = WITHOUT_SPARSEINST.format(config=str(CONFIGS["SparseInst"]))
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "SparseInst" in result.stderr and "python tools/install_frameworks.py sparseinst" in result.stderr
+    code, stderr = train_net_hiding("sparseinst", "--config-file", str(CONFIGS["SparseInst"]), "MODEL.DEVICE", "cpu")
+    assert code == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert "SparseInst" in stderr and "python tools/install_frameworks.py sparseinst" in stderr
 
 
 def _require():

@@ -9,20 +9,13 @@ from the frameworks themselves (``import mask2former`` fails where its op is mis
 is read from the file system and the packages' metadata.
 """
 import importlib.metadata
-import importlib.util
 import sys
 from pathlib import Path
 
-from .frameworks import DETECTRON2, FRAMEWORKS, adet_flavours, git_commit, install_command, installed, package_locations
+from .frameworks import (DETECTRON2, FRAMEWORKS, adet_flavours, find_spec, git_commit, install_command, installed,
+                         package_locations)
 
 STAND_IN = "Stand-in written by iuq"  # the first words of the installer's empty MultiScaleDeformableAttention
-
-
-def _spec(name):
-    try:
-        return importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
 
 
 def _version(dist):
@@ -40,7 +33,7 @@ def _compiled(location, module):
 def mask2former_op():
     """Mask2Former's deformable-attention op: 'built', 'CPU stand-in' (the installer's empty
     module: PyTorch fallback, CPU only) or 'missing'."""
-    spec = _spec("MultiScaleDeformableAttention")
+    spec = find_spec("MultiScaleDeformableAttention")
     if spec is None:
         return "missing"
     origin = Path(spec.origin or "")
@@ -97,7 +90,7 @@ def snags():
         found.append(("Mask2Former's MultiScaleDeformableAttention op is not built: `import mask2former` fails",
                       "with CUDA: cd mask2former/modeling/pixel_decoder/ops && sh make.sh; on a CPU: "
                       + install_command("mask2former") + " (an empty stand-in: PyTorch fallback)"))
-    if _spec("detectron2") is None:
+    if find_spec("detectron2") is None:
         found.append(("detectron2 is not installed", install_command("adelaidet") + "  (or sotr, mask2former, sparseinst)"))
     return found
 
@@ -111,7 +104,7 @@ def collect_env_info():
 
         parts.append(d2_info())
     except ImportError:
-        torch = _spec("torch") and _version("torch")
+        torch = find_spec("torch") and _version("torch")
         parts.append(f"Python {sys.version.split()[0]}; torch {torch or 'not installed'}; detectron2 not installed")
     iuq = Path(__file__).resolve().parent
     parts.append(f"iuq @{iuq} (commit {(git_commit(iuq) or 'unknown')[:7]})")

@@ -157,14 +157,15 @@ def package_locations(package):
         candidate = Path(entry or ".") / package
         if (candidate / "__init__.py").is_file() and candidate.resolve() not in found:
             found.append(candidate.resolve())
-    spec = _find_spec(package)
+    spec = find_spec(package)
     for loc in (spec.submodule_search_locations or []) if spec else []:
         if Path(loc).resolve() not in found:
             found.insert(0, Path(loc).resolve())
     return found
 
 
-def _find_spec(package):
+def find_spec(package):
+    """``importlib.util.find_spec``, None where the name or its parent cannot be imported."""
     try:
         return importlib.util.find_spec(package)
     except (ImportError, ValueError):
@@ -173,7 +174,7 @@ def _find_spec(package):
 
 def installed(framework):
     """Where ``import framework.package`` resolves, if it is *this* framework (its marker), else None."""
-    spec = _find_spec(framework.package)
+    spec = find_spec(framework.package)
     if spec is None or not spec.submodule_search_locations:
         return None
     location = Path(list(spec.submodule_search_locations)[0])

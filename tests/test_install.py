@@ -115,6 +115,8 @@ def test_a_local_checkout_is_copied_and_left_untouched(tmp_path, monkeypatch):
     monkeypatch.setattr(install_frameworks, "installed", lambda fw: None)
     monkeypatch.setattr(install_frameworks, "run", lambda cmd, **kw: calls.append((cmd, kw)))
     monkeypatch.setattr(install_frameworks, "build_env", lambda jobs: {"FORCE_CUDA": "0", "MAX_JOBS": str(jobs)})
+    monkeypatch.setattr(install_frameworks, "install_requires", lambda fw, dry_run: False)
+    monkeypatch.setattr(install_frameworks, "ensure_build_tools", lambda dry_run: None)
     work = tmp_path / "work"
     work.mkdir()
     assert install_frameworks.install_one(FRAMEWORKS["adelaidet"], work, str(source), None, 2, False)
@@ -125,8 +127,22 @@ def test_a_local_checkout_is_copied_and_left_untouched(tmp_path, monkeypatch):
     assert kw["env"] == {"FORCE_CUDA": "0", "MAX_JOBS": "2"}
 
 
+def test_undeclared_imports_are_installed_where_missing(monkeypatch):
+    import importlib.util
+
+    calls = []
+    monkeypatch.setattr(install_frameworks, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "timm" else object())
+    assert install_frameworks.install_requires(FRAMEWORKS["sparseinst"], dry_run=False)
+    assert calls == [[sys.executable, "-m", "pip", "install", "timm"]]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert not install_frameworks.install_requires(FRAMEWORKS["sparseinst"], dry_run=False)  # nothing missing
+    assert len(calls) == 1
+
+
 def test_what_is_installed_is_left_as_it_is(monkeypatch, capsys):
     monkeypatch.setattr(install_frameworks, "installed", lambda fw: Path("/somewhere") / fw.package)
+    monkeypatch.setattr(install_frameworks, "install_requires", lambda fw, dry_run: False)
     monkeypatch.setattr(install_frameworks, "run", lambda *a, **k: pytest.fail("nothing may run"))
     assert not install_frameworks.install_one(FRAMEWORKS["adelaidet"], Path("/nowhere"), None, None, 2, False)
     assert "adelaidet: already installed at /somewhere/adet" in capsys.readouterr().out

@@ -130,8 +130,6 @@ def put_on_path(framework, root, dry_run):
     requirements = root / "requirements.txt"
     if requirements.is_file():
         run([sys.executable, "-m", "pip", "install", "-r", requirements], dry_run=dry_run)
-    if framework.requires:
-        run([sys.executable, "-m", "pip", "install", *framework.requires], dry_run=dry_run)
     pth = site_packages() / f"iuq-framework-{framework.name}.pth"
     say(f"{framework.name}: {pth} puts {', '.join(entries)} on the path")
     if not dry_run:
@@ -154,11 +152,23 @@ def refuse_mixing(framework):
         )
 
 
+def install_requires(framework, dry_run):
+    """What ``framework`` imports without declaring it (``Framework.requires``), where missing.
+    Returns whether anything was installed."""
+    import importlib.util
+
+    missing = [spec for spec, module in framework.requires if importlib.util.find_spec(module) is None]
+    if missing:
+        say(f"{framework.name}: imports {', '.join(missing)} without declaring it")
+        run([sys.executable, "-m", "pip", "install", *missing], dry_run=dry_run)
+    return bool(missing)
+
+
 def install_one(framework, workdir, source, commit, jobs, dry_run):
     where = installed(framework)
     if where is not None:
         say(f"{framework.name}: already installed at {where} (commit {git_commit(where) or 'unknown'}); left as it is")
-        return False
+        return install_requires(framework, dry_run)
     dest = workdir / framework.name
     obtain(framework, dest, source, commit, dry_run)
     if not dry_run:
@@ -170,6 +180,7 @@ def install_one(framework, workdir, source, commit, jobs, dry_run):
             env=build_env(jobs), dry_run=dry_run)
     else:
         put_on_path(framework, dest, dry_run)
+    install_requires(framework, dry_run)
     return True
 
 

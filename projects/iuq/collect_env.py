@@ -86,6 +86,12 @@ def snags():
                           f"touch {where}/data/datasets/__init__.py, then reinstall"))
         if where is not None and not _compiled(where, "_C"):
             found.append((f"{name}'s compiled ops (adet._C) are not built", install_command(name)))
+    for fw in FRAMEWORKS.values():
+        if installed(fw) is not None:
+            for spec, module in fw.requires:
+                if find_spec(module) is None:
+                    found.append((f"{fw.name} imports {module}, which is not installed (it does not declare it)",
+                                  f'pip install "{spec}"'))
     if installed(FRAMEWORKS["mask2former"]) is not None and mask2former_op() == "missing":
         found.append(("Mask2Former's MultiScaleDeformableAttention op is not built: `import mask2former` fails",
                       "with CUDA: cd mask2former/modeling/pixel_decoder/ops && sh make.sh; on a CPU: "

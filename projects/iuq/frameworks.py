@@ -26,8 +26,12 @@ class Framework:
     marker: str = ""  # a path inside the package that tells this framework from another with its name
     setup_py: bool = True  # False: installed by putting its root on the path
     fixes: tuple = field(default=())  # names of functions in FIXES, applied in order
-    requires: tuple = ()  # what it imports that neither it nor detectron2 declares (no setup.py)
+    requires: tuple = ()  # (pip requirement, module) it imports that neither it nor detectron2 declares
 
+
+# AdelaiDet, SOTR and SparseInst import cv2 without declaring it (detectron2 does not need it).
+# Below 4.11: later wheels need numpy 2, which the rest of the stack (torch 2.5.1's) does not have.
+OPENCV = ("opencv-python-headless<4.11", "cv2")
 
 DETECTRON2 = Framework(
     "detectron2", "https://github.com/facebookresearch/detectron2",
@@ -39,14 +43,15 @@ FRAMEWORKS = {
     for f in (
         Framework("adelaidet", "https://github.com/aim-uofa/AdelaiDet", "36721221eb572256206e60df6e9095ed00b2e08c",
                   "adet", ("CondInst", "SOLOv2"), marker="modeling/condinst",
-                  fixes=("tensor_type", "thc_removal", "data_datasets_init", "rapidfuzz_pin")),
+                  fixes=("tensor_type", "thc_removal", "data_datasets_init", "rapidfuzz_pin"), requires=(OPENCV,)),
         Framework("sotr", "https://github.com/easton-cau/SOTR", "341ef54ca0b197e76b9b6ff418906528857b10c0",
                   "adet", ("SOTR",), marker="modeling/sotr",
-                  fixes=("tensor_type", "thc_removal", "data_datasets_init", "sotr_inplace_add")),
+                  fixes=("tensor_type", "thc_removal", "data_datasets_init", "sotr_inplace_add"), requires=(OPENCV,)),
         Framework("mask2former", "https://github.com/facebookresearch/Mask2Former",
                   "9b0651c6c1d5b3af2e6da0589b719c514ec0d69a", "mask2former", ("MaskFormer",), setup_py=False),
         Framework("sparseinst", "https://github.com/hustvl/SparseInst", "a89901534dd8a2c0ca00ae885611500f2ed67060",
-                  "sparseinst", ("SparseInst",), setup_py=False, requires=("timm", "scipy")),
+                  "sparseinst", ("SparseInst",), setup_py=False,
+                  requires=(OPENCV, ("timm", "timm"), ("scipy", "scipy"))),
     )
 }
 

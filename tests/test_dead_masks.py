@@ -74,6 +74,9 @@ def test_dead_masks_are_detected_and_logged_once(trainer, caplog, monkeypatch):
         assert trainer.dead_steps == 0 and not caplog.records
         for _ in range(5):
             trainer.watch_dead_masks(dead, 2)
+        trainer.watch_dead_masks(alive, 2)  # back to life: said once
+        trainer.watch_dead_masks(alive, 2)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "every mask has been off for 3 steps" in warnings[0]
+    assert len(warnings) == 2 and "every mask has been off for 3 steps" in warnings[0]
+    assert warnings[1] == "IUQ: the masks are alive again after 5 dead steps"
     assert "MODEL.IUQ.WARMUP_ITERS" in warnings[0]

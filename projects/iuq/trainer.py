@@ -40,7 +40,9 @@ EQUI_QUERY_CHUNK = 32
 
 # Dead-mask monitor: a step is "dead" when none of (up to) DEAD_MASK_QUERIES matched queries of the
 # batch's originals has a mean sigmoid above DEAD_MASK_P on its own instance; DEAD_MASK_STEPS dead
-# steps in a row log a warning (the mask losses have no gradient left there: nothing recovers).
+# steps in a row log a warning (the mask losses have almost no gradient left there: SOLOv2's masks
+# never came back in our runs; one CondInst quickstart run's did, after ~140 steps), and a warning
+# that they are back if they return.
 DEAD_MASK_P = 1e-3
 DEAD_MASK_STEPS = 20
 DEAD_MASK_QUERIES = 8
@@ -214,15 +216,20 @@ class IUQTrainer(DefaultTrainer):
             get_event_storage().put_scalar("iuq/own_mask_p", float(p.mean()))
         except AssertionError:  # outside train(): no event storage
             pass
-        self.dead_steps = self.dead_steps + 1 if float(p.max()) < DEAD_MASK_P else 0
+        dead = float(p.max()) < DEAD_MASK_P
+        if not dead and self.dead_steps >= DEAD_MASK_STEPS:
+            logger.warning(f"IUQ: the masks are alive again after {self.dead_steps} dead steps")
+        self.dead_steps = self.dead_steps + 1 if dead else 0
         if self.dead_steps == DEAD_MASK_STEPS:
             logger.warning(
                 f"IUQ: every mask has been off for {DEAD_MASK_STEPS} steps (no matched query has a "
                 f"mean sigmoid >= {DEAD_MASK_P} on its own instance): the masks are dead, and the mask "
-                "losses have no gradient left to revive them. Seen with SOLOv2, whose ReLU mask "
+                "losses have almost no gradient left to revive them. Seen with SOLOv2, whose ReLU mask "
                 "features give all its kernels' logits a common part that IUQ's losses push down at "
-                "once while the logits are large (docs/study.md, 'SOLOv2's dead masks'). Restart "
-                "from an earlier checkpoint with a lower learning rate, MODEL.IUQ.INTER.LOSS l1 or "
+                "once while the logits are large, and whose masks never came back in our runs; a "
+                "CondInst quickstart run's came back after ~140 steps (docs/study.md, 'SOLOv2's dead "
+                "masks'). Watch iuq/own_mask_p; if it stays at 0, restart from an earlier checkpoint "
+                "with a lower learning rate, another SEED, MODEL.IUQ.INTER.LOSS l1 or "
                 "MODEL.IUQ.WARMUP_ITERS; none is proven to prevent it."
             )
 

@@ -22,7 +22,7 @@ from detectron2.structures import BitMasks, Instances
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from .adapters import adapter_class, build_adapter, has_adapter
+from .adapters import adapter_class, adapter_class_or_none, build_adapter
 from .chunked import chunked_sum
 from .config import validate_iuq_config
 from .crops import crops
@@ -65,11 +65,17 @@ def dataset_image_id(d):
     return int.from_bytes(digest, "little", signed=True)
 
 
+def iuq_on(cfg):
+    """Whether ``cfg`` trains with either IUQ loss (``MODEL.IUQ.ENABLED`` and INTER or EQUI)."""
+    iuq = cfg.MODEL.IUQ
+    return bool(iuq.ENABLED and (iuq.INTER.ENABLED or iuq.EQUI.ENABLED))
+
+
 class IUQTrainer(DefaultTrainer):
     def __init__(self, cfg):
         validate_iuq_config(cfg)
         iuq = cfg.MODEL.IUQ
-        self.iuq_on = iuq.ENABLED and (iuq.INTER.ENABLED or iuq.EQUI.ENABLED)
+        self.iuq_on = iuq_on(cfg)
         if self.iuq_on:
             adapter_class(cfg)  # fail before building anything if the model has no adapter
         with cpu_ddp_support(cfg):
@@ -78,7 +84,7 @@ class IUQTrainer(DefaultTrainer):
         # Installed with IUQ off too, where the model has one: an adapter also carries its model
         # through batches the model's own code fails on (images without instances), and the IUQ-off
         # twin must train on the same data. Without an open capture it records nothing.
-        self.adapter = build_adapter(cfg, self.model) if self.iuq_on or has_adapter(cfg) else None
+        self.adapter = build_adapter(cfg, self.model) if self.iuq_on or adapter_class_or_none(cfg) else None
         self.memory = PixelMemory(iuq.MEMORY.SIZE, dtype=getattr(torch, iuq.MEMORY.DTYPE), device=cfg.MODEL.DEVICE)
         # The memory is training state: saved with the optimizer in checkpoints, never in the model.
         self.checkpointer.add_checkpointable("iuq_memory", self.memory)
@@ -91,14 +97,14 @@ class IUQTrainer(DefaultTrainer):
     def build_optimizer(cls, cfg, model):
         """The base model's own optimizer where its adapter names one (SparseInst: AdamW with its
         parameter groups), else detectron2's."""
-        adapter = adapter_class(cfg) if has_adapter(cfg) else None
+        adapter = adapter_class_or_none(cfg)
         return (adapter and adapter.build_optimizer(cfg, model)) or super().build_optimizer(cfg, model)
 
     @classmethod
     def build_train_loader(cls, cfg):
         # The base model's own mapper where its adapter names one; else detectron2's, with instance
         # masks whatever MODEL.MASK_ON says (IUQ needs them).
-        adapter = adapter_class(cfg) if has_adapter(cfg) else None
+        adapter = adapter_class_or_none(cfg)
         mapper = adapter and adapter.train_mapper(cfg)
         if mapper is None:
             mapper = DatasetMapper(**{**DatasetMapper.from_config(cfg, is_train=True), "use_instance_mask": True})
@@ -109,7 +115,7 @@ class IUQTrainer(DefaultTrainer):
             min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
-        if cfg.MODEL.IUQ.ENABLED and (cfg.MODEL.IUQ.INTER.ENABLED or cfg.MODEL.IUQ.EQUI.ENABLED):
+        if iuq_on(cfg):
             check_dataset_masks(dataset, cfg.DATASETS.TRAIN)
         return build_detection_train_loader(loader_config(cfg), mapper=mapper, dataset=dataset)
 

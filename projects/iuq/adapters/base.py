@@ -135,13 +135,13 @@ def adapter_class(cfg):
     return IUQ_ADAPTER_REGISTRY.get(name)
 
 
-def has_adapter(cfg):
-    """Whether ``cfg.MODEL.META_ARCHITECTURE`` has an adapter that can be imported here."""
+def adapter_class_or_none(cfg):
+    """The adapter class for ``cfg.MODEL.META_ARCHITECTURE``, or None where it has none that can
+    be imported here."""
     try:
-        adapter_class(cfg)
+        return adapter_class(cfg)
     except (ImportError, ValueError):
-        return False
-    return True
+        return None
 
 
 def build_adapter(cfg, model):

@@ -26,7 +26,7 @@ except ImportError as e:
 
 from iuq.config import get_iuq_cfg, validate_iuq_config
 from iuq.data import is_quickstart_dataset, register_quickstart
-from iuq.models import BaseModelUnavailable, base_model_config_errors, register_base_models
+from iuq.models import BaseModelUnavailable, base_model_config_errors, register_base_models, require_config_base_model
 from iuq.trainer import IUQTrainer
 
 # A ``KEY=VALUE`` override: an upper-case config key (``SEED``, ``MODEL.IUQ.ENABLED``), "=", its value.
@@ -46,6 +46,7 @@ def split_overrides(opts):
 def load_config(args):
     """The config of ``args`` (file, then overrides), its base model registered and its
     ``MODEL.IUQ`` validated. Raises :class:`BaseModelUnavailable` naming the package to install."""
+    require_config_base_model(args.config_file)  # e.g. a Mask2Former YAML where it is missing: say so
     cfg = get_iuq_cfg()
     with base_model_config_errors(cfg):  # e.g. a SOTR YAML where SOTR is not installed: say so
         cfg.merge_from_file(args.config_file)

@@ -15,6 +15,7 @@ CONFIGS = {
     "SOLOv2": REPO / "configs/IUQ/SOLOv2/R50_1x.yaml",
     "SOTR": REPO / "configs/IUQ/SOTR/R50.yaml",
     "SparseInst": REPO / "configs/IUQ/SparseInst/R50_GIAM.yaml",
+    "Mask2Former": REPO / "configs/IUQ/Mask2Former/R50.yaml",
 }
 
 # Small and quick on a CPU: short side 256, 2 images per step, small memory, random init.
@@ -33,6 +34,10 @@ MODEL_SMALL = {
     "SOTR": ["MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", "0", "SOLVER.BASE_LR", "0.0001"],
     # SparseInst from random init with FrozenBN: loss_ce ~3e3 and loss_mask ~1e3 at the first step.
     "SparseInst": ["MODEL.RESNETS.NORM", "BN", "SOLVER.BASE_LR", "0.00005"],
+    # Mask2Former: its LSJ crop at 256 px (INPUT.IMAGE_SIZE, not MIN_SIZE_TRAIN), float32 on the
+    # CPU, its lr, and fewer transformer layers (its pixel decoder's 6 and decoder's 9 -> 2 and 3).
+    "Mask2Former": ["INPUT.IMAGE_SIZE", "256", "SOLVER.AMP.ENABLED", "False", "SOLVER.BASE_LR", "0.0001",
+                    "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "2", "MODEL.MASK_FORMER.DEC_LAYERS", "4"],
 }
 
 
@@ -66,6 +71,13 @@ def require_sotr():
     if not adet_provides("sotr"):
         pytest.skip("SOTR (github.com/easton-cau/SOTR, package adet) is not installed here; it needs "
                     "its own environment (README: SOTR)", allow_module_level=True)
+    _require_coco()
+
+
+def require_mask2former():
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (not on PyPI; see README)")
+    pytest.importorskip("mask2former", reason="Mask2Former is not importable (python tools/install_frameworks.py "
+                                              "mask2former; README: Install)")
     _require_coco()
 
 

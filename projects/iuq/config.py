@@ -171,9 +171,20 @@ def get_iuq_cfg():
 
 
 def add_base_model_configs(cfg):
-    """The config keys of the installed base frameworks that have a config function (SparseInst's
-    ``MODEL.SPARSE_INST``, ``SOLVER.OPTIMIZER``, ...). SparseInst's also sets ``MODEL.DEVICE`` to
-    cuda: the value before it is kept, so that the YAML and the command line decide."""
+    """The config keys of the installed base frameworks that have config functions: Mask2Former's
+    (``MODEL.MASK_FORMER``, ``SOLVER.OPTIMIZER``, ... with DeepLab's, as its train_net adds them)
+    and SparseInst's (``MODEL.SPARSE_INST``, ...). The two share some ``SOLVER`` / ``INPUT`` keys
+    with different defaults, so their recipes set them. SparseInst's function also sets
+    ``MODEL.DEVICE`` to cuda: the value before it is kept, so that the YAML and the command line
+    decide."""
+    try:
+        from detectron2.projects.deeplab import add_deeplab_config
+        from mask2former import add_maskformer2_config
+    except ImportError:
+        pass
+    else:
+        add_deeplab_config(cfg)
+        add_maskformer2_config(cfg)
     try:
         from sparseinst import add_sparse_inst_config
     except ImportError:

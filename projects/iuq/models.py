@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 # Config nodes a base model's package adds -> the meta-architecture whose package adds them.
 MODEL_CONFIG_NODES = {"CONDINST": "CondInst", "FCOS": "CondInst", "SOLOV2": "SOLOv2", "SOTR": "SOTR",
-                      "SPARSE_INST": "SparseInst"}
+                      "SPARSE_INST": "SparseInst", "MASK_FORMER": "MaskFormer"}
 _MISSING_KEY = re.compile(r"Non-existent (?:config )?key: (MODEL\.([A-Z0-9_]+)[A-Z0-9_.]*)")
 
 
@@ -26,11 +26,12 @@ class BaseModelUnavailable(ImportError):
 
 
 def register_base_models(cfg=None):
-    """Import the installed ``adet`` (AdelaiDet: CondInst, SOLOv2; or SOTR) and ``sparseinst``,
-    which register their meta-architectures. With ``cfg``, raise :class:`BaseModelUnavailable`
+    """Import the installed ``adet`` (AdelaiDet: CondInst, SOLOv2; or SOTR), ``sparseinst`` and
+    ``mask2former``, which register their meta-architectures. With ``cfg``, raise :class:`BaseModelUnavailable`
     naming the package if ``cfg.MODEL.META_ARCHITECTURE`` is one IUQ knows but detectron2's
     registry does not."""
-    for module, what in (("adet.modeling", "`adet` (AdelaiDet or SOTR)"), ("sparseinst", "SparseInst")):
+    for module, what in (("adet.modeling", "`adet` (AdelaiDet or SOTR)"), ("sparseinst", "SparseInst"),
+                         ("mask2former", "Mask2Former")):
         try:
             importlib.import_module(module)  # registers its meta-architectures
         except ImportError as e:
@@ -46,6 +47,18 @@ def require_base_model(name):
 
     if name in BUILTIN_ADAPTERS and name not in META_ARCH_REGISTRY:
         raise BaseModelUnavailable(unavailable_message(name, f"MODEL.META_ARCHITECTURE={name!r}"))
+
+
+def require_config_base_model(config_file):
+    """Raise :class:`BaseModelUnavailable` if the YAML ``config_file`` (with its ``_BASE_`` chain)
+    names a meta-architecture IUQ knows whose package is not installed: before merging it, so the
+    error names the package instead of the first key its config function would have added."""
+    from detectron2.config import CfgNode
+
+    name = (CfgNode.load_yaml_with_base(config_file, allow_unsafe=True).get("MODEL") or {}).get("META_ARCHITECTURE")
+    register_base_models()
+    if name:
+        require_base_model(name)
 
 
 def unavailable_message(name, what):

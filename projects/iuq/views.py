@@ -7,6 +7,7 @@ The views join the batch as images of their own, so the base model assigns its q
 import random
 from dataclasses import dataclass
 
+import torch
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 
 from .equivariance import HFlip, TransformList, sample_transform
@@ -21,10 +22,13 @@ class View:
 
 
 def instance_bitmasks(instances, image_size):
-    """The instances' masks as a bool tensor [N, h, w], from polygons or bitmasks."""
+    """The instances' masks as a bool tensor [N, h, w], from polygons, bitmasks or a tensor
+    [N, h, w] (Mask2Former's mappers)."""
     masks = instances.gt_masks
     if isinstance(masks, PolygonMasks):
         return BitMasks.from_polygon_masks(masks, *image_size).tensor
+    if isinstance(masks, torch.Tensor):
+        return masks.bool()
     return masks.tensor.bool()
 
 

@@ -24,6 +24,10 @@ BUILTIN_ADAPTERS = {
         "iuq.adapters.sotr",
         "SOTR (github.com/easton-cau/SOTR; its package is also named `adet`, so it needs its own environment)",
     ),
+    "MaskFormer": (
+        "iuq.adapters.mask2former",
+        "Mask2Former (github.com/facebookresearch/Mask2Former, package `mask2former`)",
+    ),
     "SparseInst": ("iuq.adapters.sparseinst", "SparseInst (github.com/hustvl/SparseInst, package `sparseinst`)"),
 }
 

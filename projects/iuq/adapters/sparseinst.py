@@ -22,6 +22,7 @@ from sparseinst.loss import dice_loss
 from sparseinst.utils import nested_masks_from_list
 
 from ..losses import dot_product_decode
+from ..solver import build_grouped_optimizer
 from .base import IUQ_ADAPTER_REGISTRY, IUQAdapter
 
 
@@ -101,8 +102,6 @@ class SparseInst(IUQAdapter):
         transformer's patch embedding and class token); SOLVER.OPTIMIZER "ADAMW" (with
         SOLVER.AMSGRAD) or "SGD"; gradient clipping by detectron2, or of the whole model at once
         with SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"."""
-        from detectron2.solver.build import maybe_add_gradient_clipping
-
         s = cfg.SOLVER
         groups, seen = [], set()
         for name, p in model.named_parameters():
@@ -112,17 +111,7 @@ class SparseInst(IUQAdapter):
             no_decay = "norm" in name or "patch_embed" in name or "cls_token" in name
             groups.append({"params": [p], "lr": s.BASE_LR * (s.BACKBONE_MULTIPLIER if "backbone" in name else 1.0),
                            "weight_decay": 0.0 if no_decay else s.WEIGHT_DECAY})
-        if s.OPTIMIZER == "ADAMW":
-            kind, kwargs = torch.optim.AdamW, {"amsgrad": s.AMSGRAD}
-        elif s.OPTIMIZER == "SGD":
-            kind, kwargs = torch.optim.SGD, {"momentum": s.MOMENTUM}
-        else:
-            raise ValueError(f"SOLVER.OPTIMIZER {s.OPTIMIZER!r}: SparseInst trains with 'ADAMW' or 'SGD'")
-        clip = s.CLIP_GRADIENTS
-        if clip.ENABLED and clip.CLIP_TYPE == "full_model" and clip.CLIP_VALUE > 0:
-            kind = _clip_full_model(kind, clip.CLIP_VALUE)
-            return kind(groups, s.BASE_LR, **kwargs)
-        return maybe_add_gradient_clipping(cfg, kind)(groups, s.BASE_LR, **kwargs)
+        return build_grouped_optimizer(cfg, groups, "SparseInst")
 
     decode_samples = dot_product_decode  # a SampleDecode: the inter-scene loss runs it chunk by chunk
 
@@ -145,14 +134,3 @@ class SparseInst(IUQAdapter):
         pixel = F.binary_cross_entropy_with_logits(logits, targets, reduction="mean")
         return dice * self.dice_weight + pixel * self.pixel_weight
 
-
-def _clip_full_model(optimizer_class, max_norm):
-    """``optimizer_class`` whose step first clips the gradient norm of all its parameters at once."""
-
-    class FullModelClipping(optimizer_class):
-        def step(self, closure=None):
-            torch.nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], max_norm)
-            return super().step(closure=closure)
-
-    FullModelClipping.__name__ = f"FullModelClipping{optimizer_class.__name__}"
-    return FullModelClipping

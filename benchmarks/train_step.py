@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """What IUQ costs in a real training step: CondInst R50 and SOLOv2 R50 (AdelaiDet), SparseInst R50
-G-IAM, random initialisation, the paper's per-GPU load (2 images per step, short side 800, long
-side <= 1333; SparseInst at its recipe's 640 / 853; images from coco_2017_train), at equal images
-per step.
+G-IAM, Mask2Former R50, random initialisation, the paper's per-GPU load (2 images per step, short
+side 800, long side <= 1333; SparseInst at its recipe's 640 / 853, Mask2Former on its 1024 x 1024
+LSJ crops; images from coco_2017_train), at equal images per step.
 
     python benchmarks/train_step.py                      # both models, 10K / 100K / 1M, CPU
     python benchmarks/train_step.py --models CondInst --memory 100000 --batches 5 --device cuda
@@ -73,11 +73,12 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"CondInst": "configs/IUQ/CondInst/MS_R_50_1x.yaml", "SOLOv2": "configs/IUQ/SOLOv2/R50_1x.yaml",
-           "SparseInst": "configs/IUQ/SparseInst/R50_GIAM.yaml"}
+           "SparseInst": "configs/IUQ/SparseInst/R50_GIAM.yaml", "Mask2Former": "configs/IUQ/Mask2Former/R50.yaml"}
 # Per model: the package it needs, and its recipe's largest training scale (--min-size / --max-size
-# default to it: SparseInst trains at short side <= 640, long side <= 853; AdelaiDet at 800 / 1333).
-PACKAGES = {"CondInst": "adet", "SOLOv2": "adet", "SparseInst": "sparseinst"}
-SIZES = {"SparseInst": (640, 853)}
+# default to it: SparseInst trains at short side <= 640, long side <= 853; AdelaiDet at 800 / 1333;
+# Mask2Former on its LSJ crops, 1024 x 1024: --min-size sets INPUT.IMAGE_SIZE).
+PACKAGES = {"CondInst": "adet", "SOLOv2": "adet", "SparseInst": "sparseinst", "Mask2Former": "mask2former"}
+SIZES = {"SparseInst": (640, 853), "Mask2Former": (1024, 1024)}
 MODES = {  # (INTER.ENABLED, EQUI.MODE)
     "baseline": (False, "augment"),
     "inter": (True, "augment"),
@@ -151,6 +152,8 @@ def child(model, args):
         "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "SOLVER.BASE_LR", "0.001",
         "MODEL.IUQ.MEMORY.SIZE", "1000", "OUTPUT_DIR", "/tmp/iuq_bench",
     ])
+    if model == "Mask2Former":  # LSJ crops of IMAGE_SIZE; AMP as its recipe on a GPU (float32 on a CPU)
+        cfg.merge_from_list(["INPUT.IMAGE_SIZE", str(min_size), "SOLVER.AMP.ENABLED", str(args.device.startswith("cuda"))])
     seed_all_rng(1)  # the data loader's order and flips
     cuda = args.device.startswith("cuda")
     peak = Peak(cuda) if args.child_phase == "peak" else None  # before the model: its malloc setting
@@ -325,7 +328,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--batches", type=int, default=2, help="timed batches (each run in every mode)")
     p.add_argument("--rounds", type=int, default=1, help="timed steps of every mode per batch")
-    p.add_argument("--min-size", type=int, default=None, help="default: the model's recipe scale (800, SparseInst 640)")
+    p.add_argument("--min-size", type=int, default=None, help="default: the model's recipe scale (800, SparseInst 640, Mask2Former's crop 1024)")
     p.add_argument("--max-size", type=int, default=None, help="default: 1333, SparseInst 853")
     p.add_argument("--system-malloc", action="store_true",
                    help="CPU: time with glibc's default allocator settings (see 'CPU allocator')")

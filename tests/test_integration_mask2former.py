@@ -245,14 +245,18 @@ def test_final_weights_load_into_the_stock_mask2former_model(run):
     assert not result.missing_keys and not result.unexpected_keys
 
 
-def test_eval_only_reports_segm_ap(run, tmp_path):
+def test_eval_only_reports_segm_ap_and_the_iuq_measures(run, tmp_path):
     import train_net
 
     register_subset("iuq_test_coco_val4", 4, tmp_path)
     results = train_net.main(args_for(tmp_path / "eval", "MODEL.WEIGHTS", str(run / "model_final.pth"),
-                                      "DATASETS.TEST", "('iuq_test_coco_val4',)", eval_only=True))
+                                      "DATASETS.TEST", "('iuq_test_coco_val4',)", "MODEL.IUQ.MEASURES.ENABLED", "True",
+                                      "MODEL.IUQ.MEASURES.MAX_IMAGES", "4", "INPUT.MIN_SIZE_TEST", "256",
+                                      "INPUT.MAX_SIZE_TEST", "400", eval_only=True))
     segm = results["segm"]
     assert 0 <= segm["AP"] <= 100 and json.dumps(segm)
+    measures = results["iuq"]
+    assert measures["images"] == 4 and 0 <= measures["cross_fa"] <= 1 and measures["equi_rel_err"] > 0
 
 
 RECIPES = [("R50", "maskformer2_R50_bs16_50ep"), ("R101", "maskformer2_R101_bs16_50ep"),
@@ -288,3 +292,17 @@ def test_recipes_reproduce_mask2formers_key_for_key(ours, theirs):
     twin = get_iuq_cfg()
     twin.merge_from_file(str(REPO / "configs/IUQ/Mask2Former" / f"{ours}_baseline.yaml"))
     assert not twin.MODEL.IUQ.ENABLED and flat(twin)["MODEL.WEIGHTS"] == cfgs[0]["MODEL.WEIGHTS"]
+
+
+def test_train_step_benchmark_has_a_mask2former_row():
+    _require()
+    cmd = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--models", "Mask2Former", "--modes", "baseline",
+           "both", "twin", "--memory", "2000", "--batches", "1", "--min-size", "160"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    per_step, per_iter = out.stdout.split("Per iteration")
+    both = next(line for line in per_step.splitlines() if line.split()[:2] == ["Mask2Former", "both"])
+    time_x, in_step_x = float(both.split("|")[1].split()[1]), float(both.split("|")[2].split()[0])
+    assert 0.2 < time_x < 5 and in_step_x > 1.0, both
+    twin = next(line for line in per_iter.splitlines() if line.split()[:2] == ["Mask2Former", "twin"])
+    assert twin.split("|")[1].split() == ["2"]

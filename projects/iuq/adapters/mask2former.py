@@ -40,11 +40,12 @@ L_equi asks the model to be equivariant despite it.
 """
 import torch
 import torch.nn.functional as F
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from mask2former.modeling.criterion import dice_loss, sigmoid_ce_loss
 
 from ..losses import dot_product_decode
 from ..solver import build_grouped_optimizer
+from ..views import instance_bitmasks
 from .base import IUQ_ADAPTER_REGISTRY, IUQAdapter
 
 # INPUT.DATASET_MAPPER_NAME -> Mask2Former's mapper class (as its train_net.py chooses them); the
@@ -210,9 +211,11 @@ class ImagesWithoutInstances:
 
 
 def _tensor_masks(instances):
-    """``instances`` with ``gt_masks`` as the tensor [N, H, W] Mask2Former reads (views and images
-    without instances come with BitMasks)."""
-    if instances.has("gt_masks") and isinstance(instances.gt_masks, BitMasks):
+    """``instances`` with ``gt_masks`` as the tensor [N, H, W] Mask2Former reads: views and images
+    without instances come with BitMasks, and the measures' held-out images (detectron2's mapper)
+    with polygons."""
+    if instances.has("gt_masks") and isinstance(instances.gt_masks, (BitMasks, PolygonMasks)):
+        masks = instance_bitmasks(instances, instances.image_size)
         instances = type(instances)(instances.image_size, **instances.get_fields())
-        instances.gt_masks = instances.gt_masks.tensor
+        instances.gt_masks = masks
     return instances

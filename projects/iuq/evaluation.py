@@ -11,14 +11,43 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     from .data.submission import COCOSubmissionWriter, dataset_has_annotations
 
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-    if "lvis" in dataset_name:
-        return BoxesFromMasks(LVISEvaluator(dataset_name, output_dir=output_folder))
+    if "lvis" in dataset_name:  # segm AP (with APr / APc / APf) at LVIS's 300 detections per image
+        lvis_numpy_compat()
+        return BoxesFromMasks(LVISEvaluator(dataset_name, tasks=("segm",), output_dir=output_folder))
     if not dataset_has_annotations(dataset_name):
         name = os.path.basename(os.path.normpath(cfg.OUTPUT_DIR)) or "iuq"
         return BoxesFromMasks(COCOSubmissionWriter(dataset_name, output_folder, name))
     if "json_file" not in MetadataCatalog.get(dataset_name).as_dict():
         raise ValueError(f"DATASETS.TEST: dataset {dataset_name!r} is neither COCO- nor LVIS-style")
     return BoxesFromMasks(COCOEvaluator(dataset_name, tasks=("segm",), output_dir=output_folder))
+
+
+def lvis_numpy_compat():
+    """Let the LVIS API's evaluation run with numpy >= 1.24. ``lvis`` 0.5.3 (the last release on
+    PyPI) accumulates with ``np.float``, an alias numpy removed in 1.24 (AttributeError at the end
+    of every LVIS evaluation; fixed in lvis-api's main branch, lvis-dataset/lvis-api#37, never
+    released). Where numpy lacks it, ``lvis.eval`` alone gets a numpy that has it (the builtin
+    ``float``, what the alias always was); numpy itself and every other module are left alone."""
+    import numpy as np
+
+    if hasattr(np, "float"):
+        return
+    import lvis.eval
+
+    if not isinstance(lvis.eval.np, _NumpyWithFloat):
+        lvis.eval.np = _NumpyWithFloat(np)
+
+
+class _NumpyWithFloat:
+    """``numpy``, plus the ``float`` alias it had before 1.24."""
+
+    float = float
+
+    def __init__(self, numpy):
+        self._numpy = numpy
+
+    def __getattr__(self, name):
+        return getattr(self._numpy, name)
 
 
 class BoxesFromMasks(DatasetEvaluator):

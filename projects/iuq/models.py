@@ -18,6 +18,10 @@ logger = logging.getLogger(__name__)
 # Config nodes a base model's package adds -> the meta-architecture whose package adds them.
 MODEL_CONFIG_NODES = {"CONDINST": "CondInst", "FCOS": "CondInst", "SOLOV2": "SOLOv2", "SOTR": "SOTR",
                       "SPARSE_INST": "SparseInst", "MASK_FORMER": "MaskFormer"}
+# Meta-architecture -> the config key of its number of (thing) classes.
+NUM_CLASSES_KEYS = {"CondInst": "MODEL.FCOS.NUM_CLASSES", "SOLOv2": "MODEL.SOLOV2.NUM_CLASSES",
+                    "SOTR": "MODEL.SOTR.NUM_CLASSES", "SparseInst": "MODEL.SPARSE_INST.DECODER.NUM_CLASSES",
+                    "MaskFormer": "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES"}
 _MISSING_KEY = re.compile(r"Non-existent (?:config )?key: (MODEL\.([A-Z0-9_]+)[A-Z0-9_.]*)")
 
 
@@ -108,3 +112,28 @@ def base_model_config_errors(cfg):
             raise
         name = MODEL_CONFIG_NODES[match.group(2)]
         raise BaseModelUnavailable(unavailable_message(name, f"Config key {match.group(1)}")) from e
+
+
+def check_num_classes(cfg, dataset_dicts, names):
+    """Fail before training, naming the key, if the model has fewer classes than the training data
+    uses (e.g. an LVIS v1 run, 1203 classes, with a config left at COCO's 80: the IUQ authors' own
+    LVIS YAML did that). The models would index past their class axis at the first step (on a GPU,
+    a device-side assert that names nothing). ``names``: the DATASETS.TRAIN the dicts were read
+    from. Meta-architectures not in ``NUM_CLASSES_KEYS`` are not checked."""
+    key = NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE)
+    configured = cfg
+    for part in key.split(".") if key else ("",):
+        configured = configured.get(part) if isinstance(configured, dict) else None
+    if not isinstance(configured, int):
+        return
+    used = max((a["category_id"] for d in dataset_dicts for a in d.get("annotations", ())), default=-1) + 1
+    if used <= configured:
+        return
+    from detectron2.data import MetadataCatalog
+
+    counts = {n: len(MetadataCatalog.get(n).get("thing_classes") or ()) for n in names}
+    listed = ", ".join(f"{n!r}: {c} classes" for n, c in counts.items() if c)
+    raise ValueError(
+        f"{key} is {configured}, but DATASETS.TRAIN {tuple(names)} uses class ids up to {used - 1}"
+        f"{f' ({listed})' if listed else ''}: set {key} {max([used, *counts.values()])}"
+    )

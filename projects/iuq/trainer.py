@@ -29,6 +29,7 @@ from .crops import crops
 from .equivariance import valid_cells
 from .losses import inter_scene_loss
 from .memory import PixelMemory
+from .models import check_num_classes
 from .samples import sample_pixels
 from .views import add_views, instance_bitmasks
 
@@ -117,6 +118,7 @@ class IUQTrainer(DefaultTrainer):
         )
         if iuq_on(cfg):
             check_dataset_masks(dataset, cfg.DATASETS.TRAIN)
+        check_num_classes(cfg, dataset, cfg.DATASETS.TRAIN)
         return build_detection_train_loader(loader_config(cfg), mapper=mapper, dataset=dataset)
 
     def build_hooks(self):

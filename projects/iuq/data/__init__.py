@@ -1,8 +1,20 @@
-"""Data for IUQ: a synthetic quickstart dataset and COCO test-dev submission files.
+"""Data for IUQ: a synthetic quickstart dataset, an LVIS v1 sample made from COCO-format data,
+and COCO test-dev submission files.
 
-``quickstart`` needs detectron2 only to register its datasets; ``submission`` needs it to
-import, so its names are resolved lazily here and ``import iuq.data`` works without detectron2.
+``quickstart`` and ``lvis_sample`` need detectron2 only to make / register their datasets;
+``submission`` needs it to import, so its names are resolved lazily here and ``import iuq.data``
+works without detectron2.
 """
+from .lvis_sample import (
+    COCO_TO_LVIS,
+    LVIS_SAMPLE_DATASETS,
+    default_lvis_sample_root,
+    default_lvis_sample_source,
+    generate_lvis_sample,
+    is_lvis_sample_dataset,
+    make_lvis_sample,
+    register_lvis_sample,
+)
 from .quickstart import (
     QUICKSTART_CATEGORIES,
     QUICKSTART_DATASETS,
@@ -16,6 +28,14 @@ from .quickstart import (
 _SUBMISSION_NAMES = ("COCOSubmissionWriter", "dataset_has_annotations", "submission_split_name")
 
 __all__ = [
+    "COCO_TO_LVIS",
+    "LVIS_SAMPLE_DATASETS",
+    "default_lvis_sample_root",
+    "default_lvis_sample_source",
+    "generate_lvis_sample",
+    "is_lvis_sample_dataset",
+    "make_lvis_sample",
+    "register_lvis_sample",
     "QUICKSTART_CATEGORIES",
     "QUICKSTART_DATASETS",
     "default_quickstart_root",

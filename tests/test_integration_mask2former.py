@@ -72,6 +72,8 @@ def forward(tmp_path_factory):
     with trainer.adapter.capture() as cap:
         trainer.model(batch)
     decoded = trainer.adapter.decode_map(cap.queries, {}, cap.query_images, cap.embeddings)
+    classes = torch.cat([batch[b]["instances"].gt_classes[tgt] for b, (_, tgt) in enumerate(seen["indices"])])
+    assert torch.equal(cap.query_classes, classes)  # each query's class: its matched ground truth's
     pred_masks = seen["out"]["pred_masks"]
     matched = torch.cat([pred_masks[b, src] for b, (src, _) in enumerate(seen["indices"])])
     predictor.forward, trainer.model.criterion.matcher.forward = predictor_forward, match

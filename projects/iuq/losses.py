@@ -13,6 +13,17 @@ negatives, its scale does not change with the memory size, so the paper's weight
 ``MEMORY.SIZE``. Queries with no negative (e.g. a batch of one image and an empty memory) are
 left out; if none has one the loss is a zero that still depends on the queries.
 
+Stuff (panoptic segmentation, the supplementary's one change): stuff is instance-agnostic, so a
+query matched to a *stuff* segment of class c has, on another image, that image's pixels of stuff
+class c as positives (target 1) and every other sample as a negative (target 0). A query's class
+(``query_stuff_classes``: c for a stuff query, -1 otherwise) and a sample's (its bank's
+``stuff_classes()``) decide each pair's target; the Q x M target matrix is never formed (one chunk's
+comparison at a time). Positives take the same loss with target 1 (focal: alpha (1 - p)^gamma
+(-log p), i.e. alpha weighs positives and 1 - alpha negatives, as in Lin et al.; ce / l1 / l2 against
+1), and the normalisation is unchanged: a query's loss is the mean over *all* its other-image
+samples, positives included. Thing queries, and every query when no stuff sample is present, get
+exactly the all-zero loss above (the same code runs; nothing is added).
+
 Cost: the Q x M logits are never kept. Samples are decoded ``chunk_size`` at a time and, as the
 loss is a scalar whose derivative in each logit has a closed form, every chunk's gradients are
 formed in the forward pass itself and the chunk is freed: backward only rescales them, and no
@@ -168,8 +179,18 @@ def _query_weights(query_ids, banks):
     return weights
 
 
+def _with_positives(logits, value, slope, positive, loss, alpha, gamma):
+    """Overwrite ``value`` / ``slope`` [Q, C] (the loss against 0 and its derivative) at the
+    ``positive`` [Q, C] entries with the loss against 1: l_1(x) = l_0(-x) with alpha -> 1 - alpha,
+    so d l_1 / dx = -l_0'(-x)."""
+    x = logits[positive]
+    v, g = inter_pointwise_loss_and_grad(-x, loss, 1.0 - alpha, gamma)
+    value[positive] = v
+    slope[positive] = -g
+
+
 class _FusedInterLoss(torch.autograd.Function):
-    """sum_{q, m} w_q [id_q != id_m] l(apply(prepared, e_m)), chunked over the samples, with its
+    """sum_{q, m} w_q [id_q != id_m] l(apply(prepared, e_m), t_qm), chunked over the samples, with its
     gradients formed in the same pass: the loss is a scalar, so each chunk's d total / d logits is
     known in closed form (``inter_pointwise_loss_and_grad``) and is pushed through the decode at
     once (``decode.backward_chunk``), after which nothing of the chunk is kept. Nothing of size
@@ -177,29 +198,37 @@ class _FusedInterLoss(torch.autograd.Function):
     banks' locations are constants (no gradient). Computes in at least float32.
 
     Inputs after the constants: ``num_prepared`` prepared query tensors, then (embeddings,
-    locations, image_ids) per bank."""
+    locations, image_ids, stuff_classes) per bank. ``query_stuff`` [Q]: a stuff query's class, -1
+    for the others (t_qm = 1 where it equals the sample's stuff class, else 0)."""
 
     @staticmethod
-    def forward(ctx, decode, weights, query_ids, loss, alpha, gamma, chunk_size, num_prepared, *inputs):
-        n = num_prepared
+    def forward(ctx, decode, weights, query_ids, query_stuff, loss, alpha, gamma, chunk_size, num_prepared, *inputs):
+        n, first = num_prepared, 9  # index of the first tensor input in needs_input_grad
         dtype = torch.promote_types(inputs[0].dtype, torch.float32)
-        prepared = [t.detach().to(dtype).requires_grad_(ctx.needs_input_grad[8 + i]) for i, t in enumerate(inputs[:n])]
+        prepared = [t.detach().to(dtype).requires_grad_(ctx.needs_input_grad[first + i]) for i, t in enumerate(inputs[:n])]
         bank = inputs[n:]
         total = torch.zeros((), dtype=dtype, device=query_ids.device)
         grad_prepared = [torch.zeros_like(p) if p.requires_grad else None for p in prepared]
         prepared_needs = any(p.requires_grad for p in prepared)
         query_images = query_ids.unique()
+        stuff_classes = query_stuff[query_stuff >= 0].unique()
         grad_bank = []
-        for k in range(0, len(bank), 3):
-            emb, locations, ids = bank[k : k + 3]
-            needs = ctx.needs_input_grad[8 + n + k]
+        for k in range(0, len(bank), 4):
+            emb, locations, ids, sample_stuff = bank[k : k + 4]
+            needs = ctx.needs_input_grad[first + n + k]
             grad_emb = torch.zeros(emb.shape, dtype=dtype, device=emb.device) if needs else None
-            # The chunks holding samples of the queries' own images (one sync per bank, not per chunk).
+            # The chunks holding samples of the queries' own images, and those holding a positive
+            # for some stuff query (one sync per bank, not per chunk).
             mixed = set((torch.isin(ids, query_images).nonzero()[:, 0] // chunk_size).tolist())
+            positives = set((torch.isin(sample_stuff, stuff_classes).nonzero()[:, 0] // chunk_size).tolist()) \
+                if len(stuff_classes) else set()
             for s in range(0, len(emb), chunk_size):
                 e = emb[s : s + chunk_size].detach().to(dtype).requires_grad_(needs)
                 logits, state = decode.forward_chunk(prepared, e, locations[s : s + chunk_size])
                 value, slope = inter_pointwise_loss_and_grad(logits, loss, alpha, gamma)
+                if s // chunk_size in positives:  # a stuff query meets its class: target 1 there
+                    positive = (query_stuff[:, None] == sample_stuff[s : s + chunk_size][None, :]) & (query_stuff[:, None] >= 0)
+                    _with_positives(logits, value, slope, positive, loss, alpha, gamma)
                 if s // chunk_size in mixed:  # some samples are not negatives
                     same = query_ids[:, None] == ids[s : s + chunk_size][None, :]
                     value.masked_fill_(same, 0.0)
@@ -213,7 +242,7 @@ class _FusedInterLoss(torch.autograd.Function):
                         acc += g
                 if needs:
                     grad_emb[s : s + chunk_size] = grad_e
-            grad_bank += [grad_emb, None, None]
+            grad_bank += [grad_emb, None, None, None]
         grads = grad_prepared + grad_bank
         ctx.has_grad = [g is not None for g in grads]
         ctx.save_for_backward(*[g for g in grads if g is not None])
@@ -224,7 +253,7 @@ class _FusedInterLoss(torch.autograd.Function):
     def backward(ctx, grad_total):
         saved = iter(ctx.saved_tensors)
         grads = [(next(saved) * grad_total).to(dtype) if has else None for has, dtype in zip(ctx.has_grad, ctx.dtypes)]
-        return (None,) * 8 + tuple(grads)
+        return (None,) * 9 + tuple(grads)
 
 
 def inter_scene_loss(
@@ -237,6 +266,7 @@ def inter_scene_loss(
     alpha=0.1,
     gamma=2.5,
     chunk_size=512,
+    query_stuff_classes=None,
 ):
     """Inter-scene loss of ``queries`` against pixel samples of other images.
 
@@ -252,6 +282,9 @@ def inter_scene_loss(
         query_meta: per-query tensors the decode needs (CondInst: locations, sizes of interest),
             passed through untouched and treated as constants.
         chunk_size: samples decoded at once (peak memory: one chunk's decode).
+        query_stuff_classes: optional [Q] int64, the class of each query matched to a stuff
+            segment, -1 for the others (default: all -1, every sample a negative). A stuff query's
+            targets on the samples of its class (the banks' ``stuff_classes()``) are 1.
 
     Returns:
         scalar float32 loss (see the module docstring for the normalisation).
@@ -267,26 +300,44 @@ def inter_scene_loss(
         return queries.sum().float() * 0.0
     if not isinstance(decode, SampleDecode):
         decode = _PlainDecode(decode, query_meta)
+    query_stuff = _query_stuff(query_stuff_classes, queries)
     prepared = tuple(decode.prepare(queries, query_meta))
-    flat = [t for b in banks for t in (b.embeddings, b.locations, b.image_ids.to(queries.device))]
+    flat = [t for b in banks for t in (b.embeddings, b.locations, b.image_ids.to(queries.device),
+                                       b.stuff_classes().to(queries.device))]
     try:
         return _FusedInterLoss.apply(
-            decode, weights, query_image_ids, loss, alpha, gamma, chunk_size, len(prepared), *prepared, *flat
+            decode, weights, query_image_ids, query_stuff, loss, alpha, gamma, chunk_size, len(prepared),
+            *prepared, *flat
         )
     finally:
         decode.release()
 
 
+def _query_stuff(query_stuff_classes, queries):
+    if query_stuff_classes is None:
+        return torch.full((len(queries),), -1, dtype=torch.int64, device=queries.device)
+    out = torch.as_tensor(query_stuff_classes, dtype=torch.int64, device=queries.device)
+    if out.shape != queries.shape[:1]:
+        raise ValueError(f"inter_scene_loss: {queries.shape[0]} queries but {out.numel()} query stuff classes")
+    return out
+
+
 def naive_inter_scene_loss(
-    queries, query_image_ids, banks, decode=dot_product_decode, query_meta=None, loss="focal", alpha=0.1, gamma=2.5
+    queries, query_image_ids, banks, decode=dot_product_decode, query_meta=None, loss="focal", alpha=0.1, gamma=2.5,
+    query_stuff_classes=None,
 ):
-    """Reference: all Q x M logits at once, the same normalisation. For tests and benchmarks."""
+    """Reference: all Q x M logits and targets at once, the same normalisation. For tests and
+    benchmarks."""
     from .samples import PixelSamples
 
     bank = PixelSamples.cat(list(banks))
     logits = decode(queries, query_meta, bank.embeddings, bank.locations)
-    negative = torch.as_tensor(query_image_ids)[:, None] != bank.image_ids[None, :]
-    values = inter_pointwise_loss(logits, loss, alpha, gamma) * negative
+    negative = torch.as_tensor(query_image_ids)[:, None] != bank.image_ids[None, :]  # "other image"
+    qs = _query_stuff(query_stuff_classes, queries)[:, None]
+    target = (qs >= 0) & (qs == bank.stuff_classes()[None, :])
+    against_0 = inter_pointwise_loss(logits, loss, alpha, gamma)
+    against_1 = inter_pointwise_loss(-logits, loss, 1.0 - alpha, gamma)
+    values = torch.where(target, against_1, against_0) * negative
     counts = negative.sum(dim=1)
     keep = counts > 0
     if not bool(keep.any()):

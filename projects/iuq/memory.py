@@ -7,7 +7,13 @@ first. Each entry is one pixel of a past training image:
 - ``locations``  [K, 2]: its (x, y) position in input-image pixels (CondInst needs it for the
   relative coordinates of its dynamic head),
 - ``image_ids``  [K]:    a dataset-level image id, so a query never takes a pixel of its own image
-  (seen again in a later epoch or under another augmentation) as a negative.
+  (seen again in a later epoch or under another augmentation) as a negative;
+- ``classes``    [K]:    the contiguous class id of the segment it was drawn from (-1: unknown),
+- ``stuff``      [K]:    whether that class is stuff (panoptic: a stuff query's targets on other
+  images are the pixels of its class, not zeros).
+
+A checkpoint written before the memory carried classes (no ``classes`` / ``stuff``) loads with
+every sample an unknown thing: every sample a negative, the instance-segmentation behaviour.
 
 In a torch.distributed job every rank enqueues the all-gathered samples of all ranks, in rank
 order, so all replicas hold the same memory. The memory is a training-time object only: it is
@@ -43,7 +49,8 @@ def all_gather_samples(samples):
         return torch.cat([p[:n] for p, n in zip(parts, counts)])
 
     return PixelSamples(
-        gather(samples.embeddings), gather(samples.locations), gather(samples.image_ids)
+        gather(samples.embeddings), gather(samples.locations), gather(samples.image_ids),
+        gather(samples.classes), gather(samples.stuff),
     )
 
 
@@ -69,6 +76,8 @@ class PixelMemory:
             torch.zeros(k, dim, dtype=self.dtype, device=self.device),
             torch.zeros(k, 2, dtype=torch.float32, device=self.device),
             torch.full((k,), -1, dtype=torch.int64, device=self.device),
+            torch.full((k,), -1, dtype=torch.int64, device=self.device),
+            torch.zeros(k, dtype=torch.bool, device=self.device),
         )
 
     @property
@@ -103,6 +112,8 @@ class PixelMemory:
         self._buffers.embeddings[slots] = samples.embeddings.to(self.device, self.dtype)
         self._buffers.locations[slots] = samples.locations.to(self.device, torch.float32)
         self._buffers.image_ids[slots] = samples.image_ids.to(self.device, torch.int64)
+        self._buffers.classes[slots] = samples.classes.to(self.device, torch.int64)
+        self._buffers.stuff[slots] = samples.stuff.to(self.device, torch.bool)
         self.ptr = (self.ptr + n) % self.capacity
         self.num_filled = min(self.num_filled + n, self.capacity)
 
@@ -121,15 +132,20 @@ class PixelMemory:
             "embeddings": stored.embeddings.cpu(),
             "locations": stored.locations.cpu(),
             "image_ids": stored.image_ids.cpu(),
+            "classes": stored.classes.cpu(),
+            "stuff": stored.stuff.cpu(),
         }
 
     def load_state_dict(self, state):
         """Restore a saved memory. With the same capacity the ring is restored slot for slot; with
-        another capacity its newest ``min(saved, capacity)`` samples are enqueued oldest first."""
+        another capacity its newest ``min(saved, capacity)`` samples are enqueued oldest first. A
+        state without ``classes`` / ``stuff`` (saved before the memory carried them) restores every
+        sample as an unknown thing (-1, not stuff)."""
         missing = {"capacity", "ptr", "embeddings", "locations", "image_ids"} - set(state)
         if missing:
             raise KeyError(f"PixelMemory state_dict lacks {sorted(missing)}")
-        saved = PixelSamples(state["embeddings"], state["locations"], state["image_ids"])
+        saved = PixelSamples(state["embeddings"], state["locations"], state["image_ids"],
+                             state.get("classes"), state.get("stuff"))
         self.ptr, self.num_filled, self._buffers = 0, 0, None
         if len(saved) == 0:
             return
@@ -138,6 +154,8 @@ class PixelMemory:
             self._buffers.embeddings[: len(saved)] = saved.embeddings.to(self.device, self.dtype)
             self._buffers.locations[: len(saved)] = saved.locations.to(self.device)
             self._buffers.image_ids[: len(saved)] = saved.image_ids.to(self.device)
+            self._buffers.classes[: len(saved)] = saved.classes.to(self.device)
+            self._buffers.stuff[: len(saved)] = saved.stuff.to(self.device)
             self.num_filled, self.ptr = len(saved), int(state["ptr"])
             return
         ptr, cap = int(state["ptr"]), int(state["capacity"])

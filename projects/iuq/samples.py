@@ -14,26 +14,42 @@ import torch
 @dataclass
 class PixelSamples:
     """``embeddings`` [N, D], ``locations`` [N, 2] as (x, y) in input-image pixels (float32),
-    ``image_ids`` [N] int64 dataset-level ids."""
+    ``image_ids`` [N] int64 dataset-level ids; ``classes`` [N] int64, the contiguous class id of
+    the segment each pixel was drawn from (-1: not known), and ``stuff`` [N] bool, whether that
+    class is stuff (panoptic segmentation: a stuff query's positives in other images are the
+    pixels of its own stuff class). Both default to "unknown thing": every sample a negative."""
 
     embeddings: torch.Tensor
     locations: torch.Tensor
     image_ids: torch.Tensor
+    classes: torch.Tensor = None
+    stuff: torch.Tensor = None
 
     def __post_init__(self):
         n = self.embeddings.shape[0]
-        if self.embeddings.dim() != 2 or self.locations.shape != (n, 2) or self.image_ids.shape != (n,):
+        if self.classes is None:
+            self.classes = torch.full((n,), -1, dtype=torch.int64, device=self.image_ids.device)
+        if self.stuff is None:
+            self.stuff = torch.zeros(n, dtype=torch.bool, device=self.image_ids.device)
+        if self.embeddings.dim() != 2 or self.locations.shape != (n, 2) or self.image_ids.shape != (n,) \
+                or self.classes.shape != (n,) or self.stuff.shape != (n,):
             raise ValueError(
-                "PixelSamples needs embeddings [N, D], locations [N, 2] and image_ids [N]; got "
-                f"{tuple(self.embeddings.shape)}, {tuple(self.locations.shape)}, "
-                f"{tuple(self.image_ids.shape)}"
+                "PixelSamples needs embeddings [N, D], locations [N, 2], image_ids, classes and stuff [N]; "
+                f"got {tuple(self.embeddings.shape)}, {tuple(self.locations.shape)}, "
+                f"{tuple(self.image_ids.shape)}, {tuple(self.classes.shape)}, {tuple(self.stuff.shape)}"
             )
 
     def __len__(self):
         return self.embeddings.shape[0]
 
     def __getitem__(self, index):
-        return PixelSamples(self.embeddings[index], self.locations[index], self.image_ids[index])
+        return PixelSamples(self.embeddings[index], self.locations[index], self.image_ids[index],
+                            self.classes[index], self.stuff[index])
+
+    def stuff_classes(self):
+        """[N] int64: the class of stuff samples, -1 for the others (what a stuff query's class is
+        compared with)."""
+        return torch.where(self.stuff, self.classes, torch.full_like(self.classes, -1))
 
     @staticmethod
     def empty(dim, dtype=torch.float32, device="cpu"):
@@ -49,10 +65,12 @@ class PixelSamples:
             torch.cat([p.embeddings for p in parts]),
             torch.cat([p.locations for p in parts]),
             torch.cat([p.image_ids for p in parts]),
+            torch.cat([p.classes for p in parts]),
+            torch.cat([p.stuff for p in parts]),
         )
 
     def detach(self):
-        return PixelSamples(self.embeddings.detach(), self.locations, self.image_ids)
+        return PixelSamples(self.embeddings.detach(), self.locations, self.image_ids, self.classes, self.stuff)
 
 
 def grid_locations(height, width, stride, device="cpu"):
@@ -91,6 +109,8 @@ def sample_pixels(
     strategy="instance",
     pixels_per_instance=50,
     pixels_per_image=1000,
+    instance_classes=None,
+    instance_stuff=None,
 ):
     """Draw foreground pixel samples from a batch's pixel-embedding map.
 
@@ -103,6 +123,10 @@ def sample_pixels(
         strategy: "instance" (up to ``pixels_per_instance`` random pixels inside each instance:
             the paper's instance-balanced sampling), "image" (up to ``pixels_per_image`` random
             foreground pixels per image) or "dense" (every foreground pixel).
+        instance_classes: optional list of B int64 tensors [N_b], each mask's contiguous class id;
+        instance_stuff: optional list of B bool tensors [N_b], whether that class is stuff (a stuff
+            segment is sampled like an instance). A pixel drawn by "image" or "dense" takes the
+            class of the first mask it is in. Without them every sample is an unknown thing.
 
     Returns:
         :class:`PixelSamples` whose embeddings stay attached to ``embeddings``' graph (callers
@@ -124,6 +148,9 @@ def sample_pixels(
     image_ids = torch.as_tensor(image_ids, device=device, dtype=torch.int64)
     masks = [m.to(device=device, dtype=torch.bool).reshape(m.shape[0], h * w) for m in instance_masks]
 
+    counts = [m.shape[0] for m in masks]
+    classes = _per_mask(instance_classes, counts, -1, torch.int64, device)  # [sum N_b]
+    stuff = _per_mask(instance_stuff, counts, False, torch.bool, device)
     if strategy == "instance":
         owner = torch.cat(
             [torch.full((m.shape[0],), i, device=device, dtype=torch.int64) for i, m in enumerate(masks)]
@@ -138,9 +165,34 @@ def sample_pixels(
             images, pixels = foreground.nonzero(as_tuple=True)
         else:
             raise ValueError(f"Unknown sampling strategy {strategy!r}; use instance, image or dense")
+        # the first mask of its image each drawn pixel is in
+        offsets = torch.tensor([0] + counts, device=device).cumsum(0)[:-1]
+        rows = _first_masks(masks, images, pixels) + offsets[images]
 
     return PixelSamples(
         embeddings.flatten(2)[images, :, pixels],  # [N, D], gathered without a copy of the whole map
         grid_locations(h, w, stride, device)[pixels],
         image_ids[images],
+        classes[rows],
+        stuff[rows],
     )
+
+
+def _per_mask(values, counts, default, dtype, device):
+    """Per-image lists of per-mask values as one tensor [sum N_b], or ``default`` for every mask."""
+    if values is None:
+        return torch.full((sum(counts),), default, dtype=dtype, device=device)
+    if [len(v) for v in values] != counts:
+        raise ValueError(f"sample_pixels: {[len(v) for v in values]} class entries for masks {counts}")
+    return torch.cat([torch.as_tensor(v, dtype=dtype, device=device).reshape(-1) for v in values] +
+                     [torch.zeros(0, dtype=dtype, device=device)])
+
+
+def _first_masks(masks, images, pixels):
+    """For each drawn (image, pixel), the index within its image of the first mask holding it [N]."""
+    out = torch.zeros_like(pixels)
+    for i, m in enumerate(masks):
+        sel = (images == i).nonzero(as_tuple=True)[0]
+        if len(sel) and len(m):
+            out[sel] = m[:, pixels[sel]].int().argmax(0)
+    return out

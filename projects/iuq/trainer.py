@@ -15,7 +15,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
-from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase
 from detectron2.engine import defaults as d2_defaults
 from detectron2.structures import BitMasks, Instances
@@ -31,6 +31,7 @@ from .losses import inter_scene_loss
 from .memory import PixelMemory
 from .models import check_num_classes
 from .samples import sample_pixels
+from .stuff import stuff_classes_of, stuff_flags
 from .views import add_views, instance_bitmasks
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ class IUQTrainer(DefaultTrainer):
         # Views are drawn per rank (like the data), reproducibly when SEED is set.
         self.view_rng = random.Random((cfg.SEED if cfg.SEED >= 0 else random.getrandbits(32)) + comm.get_rank())
         self.dead_steps = 0  # consecutive steps whose masks are all off (see own_mask_probability)
+        # Which contiguous classes are stuff (panoptic data; none for instance segmentation).
+        train = cfg.DATASETS.TRAIN
+        self.stuff = stuff_flags(MetadataCatalog.get(train[0])) if train else torch.zeros(0, dtype=torch.bool)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -268,19 +272,22 @@ class IUQTrainer(DefaultTrainer):
         samples."""
         cfg = self.iuq_cfg
         emb, num_originals = originals, len(originals)
-        grid = []
+        grid, classes = [], []
         for d in batch[:num_originals]:
             masks = instance_bitmasks(d["instances"], tuple(d["image"].shape[-2:]))
             grid.append(masks_on_grid(masks, emb.shape[-2:], cap.stride).to(emb.device))
+            classes.append(d["instances"].gt_classes)
         samples = sample_pixels(
             emb, grid, image_ids[:num_originals], cap.stride, cfg.MEMORY.SAMPLING,
             cfg.MEMORY.PIXELS_PER_INSTANCE, cfg.MEMORY.PIXELS_PER_IMAGE,
+            instance_classes=classes, instance_stuff=[stuff_classes_of(c, self.stuff) >= 0 for c in classes],
         )
+        query_stuff = None if cap.query_classes is None else stuff_classes_of(cap.query_classes, self.stuff)
         loss = inter_scene_loss(
             cap.queries, image_ids[cap.query_images], [samples, self.memory.samples()],
             decode=self.adapter.decode_samples, query_meta=cap.query_meta,
             loss=cfg.INTER.LOSS, alpha=cfg.INTER.ALPHA, gamma=cfg.INTER.GAMMA,
-            chunk_size=cfg.INTER.CHUNK_SIZE,
+            chunk_size=cfg.INTER.CHUNK_SIZE, query_stuff_classes=query_stuff,
         )
         if not loss.requires_grad:  # no query in the batch (no instances): a zero still on the graph
             loss = cap.embeddings.sum().float() * 0.0

@@ -45,6 +45,8 @@ class Captured:
     gt_index:     [Q] int64 the row of ``gt_masks`` each query is matched to (the base model's own
                   assignment). Kept apart so that no [Q, Hm, Wm] copy is made for queries whose
                   target IUQ never reads (only the views' queries need one).
+    query_classes: optional [Q] int64 contiguous class of each query's ground truth (adapters that
+                  train panoptic models set it: a stuff query's inter-scene targets depend on it).
     embeddings:   [B, D, Hf, Wf] pixel-embedding map of the padded batch.
     stride:       input pixels per embedding cell; ``mask_stride`` likewise for the masks.
     """
@@ -54,6 +56,7 @@ class Captured:
     query_meta: dict = field(default_factory=dict)
     gt_masks: torch.Tensor = None
     gt_index: torch.Tensor = None
+    query_classes: torch.Tensor = None
     embeddings: torch.Tensor = None
     stride: int = None
     mask_stride: int = None

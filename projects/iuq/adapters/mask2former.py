@@ -121,6 +121,8 @@ class MaskFormer(IUQAdapter):
             cap.gt_masks = F.interpolate(padded[:, None], size=grid, mode="bilinear", align_corners=False)[:, 0]
         offsets = torch.tensor([0] + [len(m) for m in masks], device=device).cumsum(0)[:-1]
         cap.gt_index = torch.cat([tgt.to(device) + offsets[b] for b, (_, tgt) in enumerate(indices)])
+        cap.query_classes = torch.cat([t["labels"][tgt.to(t["labels"].device)].to(device)
+                                       for t, (_, tgt) in zip(targets, indices)])  # panoptic: stuff or thing
         cap.stride = cap.mask_stride = self.stride
 
     @classmethod

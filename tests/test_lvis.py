@@ -34,11 +34,16 @@ SAMPLE_REPEAT_THRESHOLD = "0.05"
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    """The LVIS v1 sample's two JSON files, registered under their names. Returns its root."""
+    """The LVIS v1 sample's two JSON files, made from the COCO sample ($DETECTRON2_DATASETS/coco,
+    the default source) in a tmp dir and registered under their names. Returns its root. The
+    tmp dir is also $IUQ_LVIS_SAMPLE_ROOT meanwhile, so that train_net's registration of the names
+    finds these files (nothing is written to ./datasets)."""
     root = tmp_path_factory.mktemp("lvis_v1_sample")
-    register_lvis_sample(root=str(root), coco_json=str(COCO / "annotations" / "instances_val2017.json"),
-                         image_dir=str(COCO / "val2017"))
-    return root
+    env = pytest.MonkeyPatch()
+    env.setenv("IUQ_LVIS_SAMPLE_ROOT", str(root))
+    register_lvis_sample()
+    yield root
+    env.undo()
 
 
 def load_json(sample, split):
@@ -104,7 +109,7 @@ def test_writing_the_sample_again_is_a_no_op(sample):
     from iuq.data import generate_lvis_sample
 
     before = {p.name: p.stat().st_mtime_ns for p in sample.iterdir()}
-    generate_lvis_sample(str(sample), str(COCO / "annotations" / "instances_val2017.json"), str(COCO / "val2017"))
+    generate_lvis_sample()  # the same root (the env) and source: nothing to write
     assert {p.name: p.stat().st_mtime_ns for p in sample.iterdir()} == before
 
 
@@ -226,8 +231,11 @@ def untrained(sample, tmp_path_factory):
 def test_lvis_recipe_trains_with_iuq(recipe, sample):
     from detectron2.data.samplers import RepeatFactorTrainingSampler
 
+    from detectron2.data import MetadataCatalog
+
     trainer, out = recipe
     cfg = trainer.cfg
+    assert MetadataCatalog.get(TRAIN).json_file == str(sample / "lvis_v1_sample_train.json")
     assert cfg.MODEL.SOLOV2.NUM_CLASSES == 1203 and cfg.MODEL.IUQ.ENABLED
     assert trainer.model.ins_head.cate_pred.out_channels == 1203
     # Repeat-factor sampling on: the sampler repeats the images of the sample's rare categories.

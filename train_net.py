@@ -25,7 +25,8 @@ except ImportError as e:
     )
 
 from iuq.config import get_iuq_cfg, validate_iuq_config
-from iuq.data import is_lvis_sample_dataset, is_quickstart_dataset, register_lvis_sample, register_quickstart
+from iuq.data import (is_lvis_sample_dataset, is_panoptic_quickstart_dataset, is_quickstart_dataset, register_lvis_sample,
+                      register_panoptic_quickstart, register_quickstart)
 from iuq.models import BaseModelUnavailable, base_model_config_errors, register_base_models, require_config_base_model
 from iuq.trainer import IUQTrainer
 
@@ -64,6 +65,9 @@ def setup(args):
     quickstart = [n for n in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST if is_quickstart_dataset(n)]
     if quickstart:  # drawn on first use, under $IUQ_QUICKSTART_ROOT or ./datasets
         register_quickstart(names=quickstart)
+    panoptic = [n for n in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST if is_panoptic_quickstart_dataset(n)]
+    if panoptic:  # the panoptic quickstart, drawn on first use next to the instance one
+        register_panoptic_quickstart(names=panoptic)
     lvis_sample = [n for n in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST if is_lvis_sample_dataset(n)]
     if lvis_sample:  # written on first use from $DETECTRON2_DATASETS/coco, under $IUQ_LVIS_SAMPLE_ROOT or ./datasets
         register_lvis_sample(names=lvis_sample)

@@ -264,12 +264,14 @@ def test_eval_only_reports_segm_ap_and_the_iuq_measures(run, tmp_path):
 RECIPES = [("R50", "maskformer2_R50_bs16_50ep"), ("R101", "maskformer2_R101_bs16_50ep"),
            ("Swin-S", "swin/maskformer2_swin_small_bs16_50ep"),
            ("Swin-B", "swin/maskformer2_swin_base_IN21k_384_bs16_50ep"),
-           ("Swin-L", "swin/maskformer2_swin_large_IN21k_384_bs16_100ep")]
+           ("Swin-L", "swin/maskformer2_swin_large_IN21k_384_bs16_100ep"),
+           ("Panoptic-R50", "../panoptic-segmentation/maskformer2_R50_bs16_50ep"),
+           ("Panoptic-Swin-B", "../panoptic-segmentation/swin/maskformer2_swin_base_IN21k_384_bs16_50ep")]
 
 
 @pytest.mark.parametrize("ours, theirs", RECIPES)
 def test_recipes_reproduce_mask2formers_key_for_key(ours, theirs):
-    """Our self-contained recipes against Mask2Former's own COCO instance YAMLs (from the installed
+    """Our self-contained recipes against Mask2Former's own COCO instance / panoptic YAMLs (from the installed
     checkout): every key equal but IUQ's, OUTPUT_DIR and where ours spell out a default theirs
     leave implicit; R101's weights are detectron2's URL for their local "R-101.pkl"."""
     _require()

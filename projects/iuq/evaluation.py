@@ -1,5 +1,5 @@
-"""The evaluator for a test dataset: COCO segm AP, LVIS AP, or, for a split without annotations
-(COCO test-dev), a submission file for the evaluation server."""
+"""The evaluator for a test dataset: COCO segm AP, LVIS AP, COCO panoptic PQ, or, for a split
+without annotations (COCO test-dev), a submission file for the evaluation server."""
 import os
 
 from detectron2.data import MetadataCatalog
@@ -11,6 +11,8 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     from .data.submission import COCOSubmissionWriter, dataset_has_annotations
 
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+    if MetadataCatalog.get(dataset_name).get("evaluator_type") == "coco_panoptic_seg":
+        return panoptic_evaluator(dataset_name, output_folder)
     if "lvis" in dataset_name:  # segm AP (with APr / APc / APf) at LVIS's 300 detections per image
         lvis_numpy_compat()
         return BoxesFromMasks(LVISEvaluator(dataset_name, tasks=("segm",), output_dir=output_folder))
@@ -20,6 +22,21 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     if "json_file" not in MetadataCatalog.get(dataset_name).as_dict():
         raise ValueError(f"DATASETS.TEST: dataset {dataset_name!r} is neither COCO- nor LVIS-style")
     return BoxesFromMasks(COCOEvaluator(dataset_name, tasks=("segm",), output_dir=output_folder))
+
+
+def panoptic_evaluator(dataset_name, output_folder):
+    """PQ, PQ^th and PQ^st through detectron2's ``COCOPanopticEvaluator`` (it needs panopticapi,
+    which is on no package index: the error says how to install it)."""
+    try:
+        import panopticapi  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"DATASETS.TEST {dataset_name!r} is panoptic: PQ needs panopticapi (`pip install "
+            "git+https://github.com/cocodataset/panopticapi.git`, or `pip install <a local checkout>`)"
+        ) from e
+    from detectron2.evaluation import COCOPanopticEvaluator
+
+    return COCOPanopticEvaluator(dataset_name, output_folder)
 
 
 def lvis_numpy_compat():

@@ -187,7 +187,7 @@ class MaskFormer(IUQAdapter):
 
 
 class ImagesWithoutInstances:
-    """Mask2Former's mapper, also for images without an instance annotation (kept by
+    """Mask2Former's mapper, also for instance-segmentation images without an instance annotation (kept by
     ``DATALOADER.FILTER_EMPTY_ANNOTATIONS False``), on which its own ``__call__`` fails (it reads
     ``gt_masks``, which detectron2 adds only for a non-empty list). Such an image goes through the
     mapper without its annotation list (so it is read and transformed as any other) and gets no
@@ -198,8 +198,8 @@ class ImagesWithoutInstances:
         self.mapper = mapper
 
     def __call__(self, dataset_dict):
-        if any(not a.get("iscrowd", 0) for a in dataset_dict.get("annotations", ())):
-            return self.mapper(dataset_dict)
+        if "segments_info" in dataset_dict or any(not a.get("iscrowd", 0) for a in dataset_dict.get("annotations", ())):
+            return self.mapper(dataset_dict)  # panoptic (its segments), or an image with instances
         out = self.mapper({k: v for k, v in dataset_dict.items() if k != "annotations"})
         h, w = out["image"].shape[-2:]
         out["instances"] = Instances(

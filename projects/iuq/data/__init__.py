@@ -1,4 +1,4 @@
-"""Data for IUQ: a synthetic quickstart dataset, an LVIS v1 sample made from COCO-format data,
+"""Data for IUQ: a synthetic quickstart dataset (instance and panoptic), an LVIS v1 sample made from COCO-format data,
 and COCO test-dev submission files.
 
 ``quickstart`` and ``lvis_sample`` need detectron2 only to make / register their datasets;
@@ -14,6 +14,12 @@ from .lvis_sample import (
     is_lvis_sample_dataset,
     make_lvis_sample,
     register_lvis_sample,
+)
+from .quickstart_panoptic import (
+    PANOPTIC_QUICKSTART_DATASETS,
+    is_panoptic_quickstart_dataset,
+    register_panoptic_quickstart,
+    render_panoptic_image,
 )
 from .quickstart import (
     QUICKSTART_CATEGORIES,
@@ -36,6 +42,10 @@ __all__ = [
     "is_lvis_sample_dataset",
     "make_lvis_sample",
     "register_lvis_sample",
+    "PANOPTIC_QUICKSTART_DATASETS",
+    "is_panoptic_quickstart_dataset",
+    "register_panoptic_quickstart",
+    "render_panoptic_image",
     "QUICKSTART_CATEGORIES",
     "QUICKSTART_DATASETS",
     "default_quickstart_root",

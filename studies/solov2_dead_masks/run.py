@@ -2,7 +2,7 @@
 (configs/quickstart_solov2.yaml, random initialisation) under variants, each appending one row to
 results.jsonl as it finishes (a variant already there is skipped, so the script resumes).
 
-    python studies/solov2_dead_masks/run.py [--iters N] [--only NAME ...]
+    python studies/solov2_dead_masks/run.py [--iters N] [--seed S] [--only NAME ...]
 
 A run's masks are "dead" at a logged step (every 20 iterations, medians over 20 steps) when the
 dice term is at its maximum: loss_ins == DICE_WEIGHT (dice loss 1 on every instance).
@@ -32,6 +32,7 @@ VARIANTS = {
     # IUQ's weights ramped linearly from 0 over 500 iterations (MODEL.IUQ.WARMUP_ITERS)
     "inter_warm500": ["MODEL.IUQ.EQUI.ENABLED", "False", "MODEL.IUQ.WARMUP_ITERS", "500"],
     "inter_lr_warm500": ["MODEL.IUQ.EQUI.ENABLED", "False", "MODEL.IUQ.WARMUP_ITERS", "500", *LR_SCALED],
+    "both_lr_warm500": ["MODEL.IUQ.WARMUP_ITERS", "500", *LR_SCALED],
 }
 
 
@@ -47,19 +48,20 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--only", nargs="*")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=os.path.join(HERE, "runs"))
     args = parser.parse_args()
     results = os.path.join(HERE, "results.jsonl")
     done = set()
     if os.path.exists(results):
         with open(results) as f:
-            done = {(r["variant"], r["iters"]) for r in map(json.loads, f)}
+            done = {(r["variant"], r["iters"], r.get("seed", 0)) for r in map(json.loads, f)}
     for name, overrides in VARIANTS.items():
-        if (args.only and name not in args.only) or (name, args.iters) in done:
+        if (args.only and name not in args.only) or (name, args.iters, args.seed) in done:
             continue
-        out = os.path.join(args.output_dir, f"{name}_{args.iters}")
+        out = os.path.join(args.output_dir, f"{name}_{args.iters}" + (f"_seed{args.seed}" if args.seed else ""))
         cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file",
-               os.path.join(ROOT, "configs/quickstart_solov2.yaml"), "SEED", "0",
+               os.path.join(ROOT, "configs/quickstart_solov2.yaml"), "SEED", str(args.seed),
                "SOLVER.MAX_ITER", str(args.iters), "OUTPUT_DIR", out, *overrides]
         start = time.time()
         log = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -76,7 +78,7 @@ def main():
         for line in log.stdout.splitlines() + log.stderr.splitlines():
             if "copypaste: " in line and line.split("copypaste: ")[1][:1].isdigit():
                 ap = line.split("copypaste: ")[1]  # last one is segm
-        row = {"variant": name, "iters": args.iters, "overrides": overrides, "seconds": round(time.time() - start),
+        row = {"variant": name, "iters": args.iters, "seed": args.seed, "overrides": overrides, "seconds": round(time.time() - start),
                "dead_at_logged_iters": dead, "dead_at_end": bool(metrics) and metrics[-1]["iteration"] in dead,
                "warned": "the masks are dead" in log.stderr + log.stdout, "segm_copypaste": ap, "curve": curve}
         with open(results, "a") as f:

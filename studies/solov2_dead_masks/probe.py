@@ -1,0 +1,94 @@
+"""SOLOv2's dead masks (issue 18, item 6), step by step: the slim quickstart SOLOv2
+(configs/quickstart_solov2.yaml, SEED 0, random initialisation), ``loss_inter`` only (no views),
+trained N steps under a variant while each step records the mean sigmoid of (up to) 8 matched
+queries on their own instance (the trainer's dead-mask monitor, ``own_mask_probability``) and the
+whole model's gradient norm. One row per variant in probes.jsonl (a variant already there is
+skipped).
+
+    python studies/solov2_dead_masks/probe.py [--steps 40] [--only NAME ...]
+"""
+import argparse
+import json
+import os
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+INTER_ONLY = ["MODEL.IUQ.EQUI.ENABLED", "False"]
+VARIANTS = {  # name -> (overrides, full-model gradient-norm clip or None)
+    "weight_0 (the baseline's training, monitored)": (INTER_ONLY + ["MODEL.IUQ.INTER.WEIGHT", "0.0"], None),
+    "focal": (INTER_ONLY, None),
+    "focal_weight_0.01": (INTER_ONLY + ["MODEL.IUQ.INTER.WEIGHT", "0.01"], None),
+    "focal_momentum_0": (INTER_ONLY + ["SOLVER.MOMENTUM", "0.0"], None),
+    "focal_clip_full_model_10": (INTER_ONLY, 10.0),
+    "l1": (INTER_ONLY + ["MODEL.IUQ.INTER.LOSS", "l1"], None),
+}
+
+
+def probe(overrides, clip, steps):
+    from detectron2.utils.events import EventStorage
+
+    from iuq.config import get_iuq_cfg
+    from iuq.data import register_quickstart
+    from iuq.models import register_base_models
+    from iuq.trainer import IUQTrainer
+
+    register_base_models()
+    register_quickstart(names=["iuq_quickstart_train"])
+    cfg = get_iuq_cfg()
+    cfg.merge_from_file(os.path.join(ROOT, "configs/quickstart_solov2.yaml"))
+    cfg.merge_from_list(["SEED", "0", "OUTPUT_DIR", "/tmp/iuq_dead_mask_probe"] + overrides)
+    trainer = IUQTrainer(cfg)
+    own, norms = [], []
+    monitor = trainer.watch_dead_masks
+
+    def watch(cap, n):
+        p = trainer.own_mask_probability(cap, n)
+        own.append(round(float(p.mean()), 4) if p is not None else None)
+        monitor(cap, n)
+
+    trainer.watch_dead_masks = watch
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    with EventStorage(0):
+        for it in range(steps):
+            trainer.iter = it
+            loss_dict, samples = trainer.forward_losses(next(trainer._trainer._data_loader_iter))
+            trainer.optimizer.zero_grad()
+            sum(loss_dict.values()).backward()
+            grads = [p.grad for p in params if p.grad is not None]
+            norms.append(round(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))), 2))
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            if samples is not None:
+                trainer.memory.enqueue(samples.detach())
+            trainer.optimizer.step()
+            trainer.scheduler.step()
+    return own, norms, {k: round(float(v), 4) for k, v in loss_dict.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--only", nargs="*")
+    args = parser.parse_args()
+    path = os.path.join(HERE, "probes.jsonl")
+    done = set()
+    if os.path.exists(path):
+        with open(path) as f:
+            done = {(r["variant"], r["steps"]) for r in map(json.loads, f)}
+    for name, (overrides, clip) in VARIANTS.items():
+        if (args.only and name not in args.only) or (name, args.steps) in done:
+            continue
+        own, norms, last = probe(overrides, clip, args.steps)
+        dead = next((i for i in range(len(own)) if all(p is not None and p < 1e-3 for p in own[i:])), None)
+        row = {"variant": name, "steps": args.steps, "overrides": overrides, "clip_full_model": clip,
+               "dead_from_step": dead, "own_mask_p": own, "grad_norm": norms, "last_losses": last}
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{name}: dead from step {dead}; own p {own[:12]}...", flush=True)
+
+
+if __name__ == "__main__":
+    main()

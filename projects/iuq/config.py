@@ -19,8 +19,10 @@ def add_iuq_config(cfg):
     # Linear warm-up of the IUQ loss weights (loss_inter, loss_equi): factor min(1, (iter + 1) /
     # WARMUP_ITERS); 0 = none (the paper gives none). From random initialisation SOLOv2's
     # kernel logits are O(10) with a random common sign (kernels . ReLU features, all >= 0); the
-    # inter loss at full weight then pushes every kernel along -mean(F) at once and one SGD step
-    # can drive every logit to ~-50, where sigmoid = 0 and the dice loss has no gradient.
+    # inter loss at full weight then pushes every kernel along -mean(F) at once until every logit
+    # is far below 0, where sigmoid' = 0 and the dice loss has no gradient: the masks die. A ramp
+    # (500 iterations) at a learning rate scaled to the batch kept the slim quickstart SOLOv2's
+    # masks alive (configs/quickstart_solov2.yaml; docs/study.md, "SOLOv2's dead masks").
     cfg.MODEL.IUQ.WARMUP_ITERS = 0
 
     # Inter-scene uniqueness (Eq. 5): queries must not fire on other images' pixels.

@@ -107,6 +107,19 @@ class DotProductDecode(SampleDecode):
 dot_product_decode = DotProductDecode()
 
 
+def dot_product_map(queries, query_images, embeddings):
+    """Logits [Q, H, W] of each query [Q, D] on its own image's map in ``embeddings`` [B, D, H, W]
+    (``query_images`` [Q] batch indices): ``<q, F>`` per pixel, one matmul per image, not per
+    query. The dot-product decoders' ``decode_map`` (SOLOv2, SOTR, SparseInst before its
+    upsampling, Mask2Former's ``pred_masks``)."""
+    b, d, h, w = embeddings.shape
+    logits = embeddings.new_zeros(queries.shape[0], h, w)
+    for i in query_images.unique().tolist():
+        idx = (query_images == i).nonzero(as_tuple=True)[0]
+        logits = logits.index_copy(0, idx, (queries[idx] @ embeddings[i].reshape(d, h * w)).reshape(-1, h, w))
+    return logits
+
+
 class _PlainDecode(SampleDecode):
     """A plain ``decode(queries, query_meta, embeddings, locations)`` function as a SampleDecode."""
 

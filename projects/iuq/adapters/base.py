@@ -69,6 +69,21 @@ class Captured:
         return self.queries[keep], self.query_images[keep], meta, targets
 
 
+def record_matched(cap, slots, indices, counts):
+    """Fill ``cap.queries`` / ``query_images`` / ``gt_index`` (and an empty ``query_meta``) from a
+    set-prediction model's one-to-one assignment: ``slots`` [B, N, D] its per-slot queries,
+    ``indices`` its matcher's result (per image, (slot indices, target indices)), ``counts`` the
+    number of targets per image (``gt_index`` indexes their concatenation, image by image)."""
+    device = slots.device
+    images = torch.cat([torch.full((len(src),), b, dtype=torch.long) for b, (src, _) in enumerate(indices)]).to(device)
+    src = torch.cat([src for src, _ in indices]).to(device)
+    offsets = torch.tensor([0] + list(counts), device=device).cumsum(0)[:-1]
+    cap.queries = slots[images, src]
+    cap.query_images = images
+    cap.query_meta = {}
+    cap.gt_index = torch.cat([tgt.to(device) + offsets[b] for b, (_, tgt) in enumerate(indices)])
+
+
 class IUQAdapter:
     """Base class. Subclasses implement ``_install`` (wrap the model's calls; record into
     ``self.captured`` while it is not None), ``decode_samples``, ``decode_map``, ``mask_loss``

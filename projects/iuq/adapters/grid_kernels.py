@@ -18,7 +18,7 @@ installs the adapter in both): see ``_empty_image_targets`` and ``_loss_without_
 """
 import torch
 
-from ..losses import dot_product_decode
+from ..losses import dot_product_decode, dot_product_map
 from .base import IUQAdapter
 
 
@@ -111,12 +111,7 @@ class GridKernelAdapter(IUQAdapter):
     decode_samples = dot_product_decode  # a SampleDecode: the inter-scene loss runs it chunk by chunk
 
     def decode_map(self, queries, query_meta, query_images, embeddings):
-        b, e, h, w = embeddings.shape
-        logits = embeddings.new_zeros(queries.shape[0], h, w)
-        for i in query_images.unique().tolist():  # one matmul per image, not per query
-            idx = (query_images == i).nonzero(as_tuple=True)[0]
-            logits = logits.index_copy(0, idx, (queries[idx] @ embeddings[i].reshape(e, h * w)).reshape(-1, h, w))
-        return logits
+        return dot_product_map(queries, query_images, embeddings)
 
     def mask_loss(self, logits, targets):
         return self.dice_loss(logits.sigmoid(), targets).mean()

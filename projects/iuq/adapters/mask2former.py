@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from mask2former.modeling.criterion import dice_loss, sigmoid_ce_loss
 
-from ..losses import dot_product_decode
+from ..losses import dot_product_decode, dot_product_map
 from ..solver import build_grouped_optimizer
 from ..views import instance_bitmasks
-from .base import IUQ_ADAPTER_REGISTRY, IUQAdapter
+from .base import IUQ_ADAPTER_REGISTRY, IUQAdapter, record_matched
 
 # INPUT.DATASET_MAPPER_NAME -> Mask2Former's mapper class (as its train_net.py chooses them); the
 # semantic mapper gives no instances, which IUQ needs.
@@ -106,22 +106,15 @@ class MaskFormer(IUQAdapter):
         """The matched queries [Q, D] and, per query, its target on the stride-4 grid: the padded
         mask as Mask2Former's loss holds it, resized bilinearly (its point sampler's values)."""
         cap, embeds = self.captured, self._mask_embed
-        device = embeds.device
-        images = torch.cat([torch.full((len(src),), b, dtype=torch.long) for b, (src, _) in enumerate(indices)])
-        src = torch.cat([src for src, _ in indices])
-        cap.queries = embeds[images.to(device), src.to(device)]
-        cap.query_images = images.to(device)
-        cap.query_meta = {}
-        grid = tuple(cap.embeddings.shape[-2:])
         masks = [t["masks"] for t in targets]
+        record_matched(cap, embeds, indices, [len(m) for m in masks])
+        grid = tuple(cap.embeddings.shape[-2:])
         if sum(len(m) for m in masks) == 0:
             cap.gt_masks = embeds.new_zeros(0, *grid)
         else:
             padded = torch.cat([m.to(embeds.dtype) for m in masks])  # [N, H, W], padded to the batch
             cap.gt_masks = F.interpolate(padded[:, None], size=grid, mode="bilinear", align_corners=False)[:, 0]
-        offsets = torch.tensor([0] + [len(m) for m in masks], device=device).cumsum(0)[:-1]
-        cap.gt_index = torch.cat([tgt.to(device) + offsets[b] for b, (_, tgt) in enumerate(indices)])
-        cap.query_classes = torch.cat([t["labels"][tgt.to(t["labels"].device)].to(device)
+        cap.query_classes = torch.cat([t["labels"][tgt.to(t["labels"].device)].to(embeds.device)
                                        for t, (_, tgt) in zip(targets, indices)])  # panoptic: stuff or thing
         cap.stride = cap.mask_stride = self.stride
 
@@ -171,12 +164,7 @@ class MaskFormer(IUQAdapter):
 
     def decode_map(self, queries, query_meta, query_images, embeddings):
         """<q, F> on the stride-4 map of each query's image: [Q, H/4, W/4] (Mask2Former's pred_masks)."""
-        b, d, h, w = embeddings.shape
-        logits = embeddings.new_zeros(queries.shape[0], h, w)
-        for i in query_images.unique().tolist():  # one matmul per image, not per query
-            idx = (query_images == i).nonzero(as_tuple=True)[0]
-            logits = logits.index_copy(0, idx, (queries[idx] @ embeddings[i].reshape(d, h * w)).reshape(-1, h, w))
-        return logits
+        return dot_product_map(queries, query_images, embeddings)
 
     def mask_loss(self, logits, targets):
         """Mask2Former's mask loss, dense, averaged over the queries: MASK_WEIGHT x sigmoid

@@ -16,14 +16,13 @@ position relative to the padded batch, not to the image: a flip or crop moves an
 coordinates by an amount that depends on the padding, and L_equi asks the kernels to undo it (the
 paper's models, CondInst included, have the same kind of input in their relative coordinates).
 """
-import torch
 import torch.nn.functional as F
 from sparseinst.loss import dice_loss
 from sparseinst.utils import nested_masks_from_list
 
-from ..losses import dot_product_decode
+from ..losses import dot_product_decode, dot_product_map
 from ..solver import build_grouped_optimizer
-from .base import IUQ_ADAPTER_REGISTRY, IUQAdapter
+from .base import IUQ_ADAPTER_REGISTRY, IUQAdapter, record_matched
 
 
 @IUQ_ADAPTER_REGISTRY.register()
@@ -65,23 +64,16 @@ class SparseInst(IUQAdapter):
         builds it: the instance mask zero-padded to the batch's input shape, then bilinearly
         resized to the stride-4 grid (soft values at the edges, as in its loss)."""
         cap, kernels = self.captured, self._kernels
-        device = kernels.device
-        images = torch.cat([torch.full((len(src),), b, dtype=torch.long) for b, (src, _) in enumerate(indices)])
-        src = torch.cat([src for src, _ in indices])
-        cap.queries = kernels[images.to(device), src.to(device)]
-        cap.query_images = images.to(device)
-        cap.query_meta = {}
+        masks = [t["masks"].tensor for t in targets]
+        record_matched(cap, kernels, indices, [len(m) for m in masks])
         h, w = cap.embeddings.shape[-2:]
         grid = (int(h * self.scale), int(w * self.scale))
-        masks = [t["masks"].tensor for t in targets]
         if sum(len(m) for m in masks) == 0:
             cap.gt_masks = kernels.new_zeros(0, *grid)
         else:
             padded, _ = nested_masks_from_list(masks, input_shape).decompose()
             cap.gt_masks = F.interpolate(padded[:, None].to(kernels.dtype), size=grid, mode="bilinear",
                                          align_corners=False)[:, 0]
-        offsets = torch.tensor([0] + [len(m) for m in masks], device=device).cumsum(0)[:-1]
-        cap.gt_index = torch.cat([tgt.to(device) + offsets[b] for b, (_, tgt) in enumerate(indices)])
         cap.stride, cap.mask_stride = self.stride, int(self.stride / self.scale)
 
     @classmethod
@@ -119,11 +111,7 @@ class SparseInst(IUQAdapter):
         """<q, F> at stride 8, then SparseInst's own x2 bilinear upsampling: [Q, 2 Hf, 2 Wf]. On a
         cropped region the upsampling's last row and column read the region's edge (clamped)
         where the whole map would read the next cell."""
-        b, d, h, w = embeddings.shape
-        logits = embeddings.new_zeros(queries.shape[0], h, w)
-        for i in query_images.unique().tolist():
-            idx = (query_images == i).nonzero(as_tuple=True)[0]
-            logits = logits.index_copy(0, idx, (queries[idx] @ embeddings[i].reshape(d, h * w)).reshape(-1, h, w))
+        logits = dot_product_map(queries, query_images, embeddings)
         return F.interpolate(logits[None], scale_factor=self.scale, mode="bilinear", align_corners=False)[0]
 
     def mask_loss(self, logits, targets):

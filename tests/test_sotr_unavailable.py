@@ -34,19 +34,29 @@ def test_sotr_recipe_names_the_missing_package(recipe):
         train_net.setup(args_for(CONFIGS["SOTR"].parent / f"{recipe}.yaml"))
 
 
-def test_sotr_config_keys_in_a_yaml_name_the_missing_package(tmp_path):
-    # A user's YAML that sets SOTR's own keys: yacs alone says "Non-existent config key: MODEL.SOTR".
+def test_a_yaml_based_on_a_sotr_recipe_names_the_missing_package(tmp_path):
+    # Its META_ARCHITECTURE (from the _BASE_ chain) is checked before anything is merged.
     config = tmp_path / "sotr_custom.yaml"
     config.write_text(f'_BASE_: "{CONFIGS["SOTR"]}"\nMODEL:\n  SOTR:\n    NUM_CLASSES: 20\n')
+    with pytest.raises(BaseModelUnavailable, match="MODEL.META_ARCHITECTURE='SOTR' needs the " + NAMED):
+        train_net.setup(args_for(config))
+
+
+def test_sotr_config_keys_in_a_yaml_name_the_missing_package(tmp_path):
+    # SOTR's own keys in a YAML whose model is another: yacs alone says "Non-existent config key".
+    config = tmp_path / "sotr_keys.yaml"
+    config.write_text('MODEL:\n  META_ARCHITECTURE: "GeneralizedRCNN"\n  SOTR:\n    NUM_CLASSES: 20\n')
     with pytest.raises(BaseModelUnavailable, match="Config key MODEL.SOTR needs the " + NAMED) as info:
         train_net.setup(args_for(config))
     assert "Non-existent config key: MODEL.SOTR" in str(info.value.__cause__)
 
 
 @pytest.mark.parametrize("override", [["MODEL.SOTR.SCORE_THR", "0.0"], ["MODEL.SOTR.SCORE_THR=0.0"]])
-def test_sotr_override_names_the_missing_package(override):
+def test_sotr_override_names_the_missing_package(override, tmp_path):
+    config = tmp_path / "rcnn.yaml"
+    config.write_text('MODEL:\n  META_ARCHITECTURE: "GeneralizedRCNN"\n')
     with pytest.raises(BaseModelUnavailable, match=r"Config key MODEL.SOTR.SCORE_THR needs the " + NAMED):
-        train_net.setup(args_for(CONFIGS["SOTR"], *override))
+        train_net.setup(args_for(config, *override))
 
 
 def test_register_base_models_checks_the_configs_model():

@@ -16,7 +16,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
-INTER_ONLY = ["MODEL.IUQ.EQUI.ENABLED", "False"]
+# The paper's setting pinned (no IUQ ramp, lr 0.01), whatever the quickstart config now ships.
+INTER_ONLY = ["MODEL.IUQ.EQUI.ENABLED", "False", "MODEL.IUQ.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "0.01"]
 VARIANTS = {  # name -> (overrides, full-model gradient-norm clip or None)
     "weight_0 (the baseline's training, monitored)": (INTER_ONLY + ["MODEL.IUQ.INTER.WEIGHT", "0.0"], None),
     "focal": (INTER_ONLY, None),

@@ -62,15 +62,15 @@ def setup(args):
     cfg.freeze()
     default_setup(cfg, args)  # logs, and writes OUTPUT_DIR/config.yaml with the overrides
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="iuq")
-    quickstart = [n for n in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST if is_quickstart_dataset(n)]
-    if quickstart:  # drawn on first use, under $IUQ_QUICKSTART_ROOT or ./datasets
-        register_quickstart(names=quickstart)
-    panoptic = [n for n in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST if is_panoptic_quickstart_dataset(n)]
-    if panoptic:  # the panoptic quickstart, drawn on first use next to the instance one
-        register_panoptic_quickstart(names=panoptic)
-    lvis_sample = [n for n in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST if is_lvis_sample_dataset(n)]
-    if lvis_sample:  # written on first use from $DETECTRON2_DATASETS/coco, under $IUQ_LVIS_SAMPLE_ROOT or ./datasets
-        register_lvis_sample(names=lvis_sample)
+    # The datasets the project makes itself, drawn / written on first use: the quickstart (instance
+    # and panoptic, under $IUQ_QUICKSTART_ROOT or ./datasets) and the LVIS sample (from
+    # $DETECTRON2_DATASETS/coco, under $IUQ_LVIS_SAMPLE_ROOT or ./datasets).
+    for is_ours, register in ((is_quickstart_dataset, register_quickstart),
+                              (is_panoptic_quickstart_dataset, register_panoptic_quickstart),
+                              (is_lvis_sample_dataset, register_lvis_sample)):
+        names = [n for n in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST if is_ours(n)]
+        if names:
+            register(names=names)
     return cfg
 
 

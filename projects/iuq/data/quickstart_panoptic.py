@@ -25,8 +25,8 @@ import os
 
 import numpy as np
 
-from .quickstart import _IMAGE_ID_OFFSET, _SPLIT_STREAM, QUICKSTART_CATEGORIES, _atomic_write, default_quickstart_root
-from .quickstart import render_quickstart_image
+from .quickstart import (_IMAGE_ID_OFFSET, _SPLIT_STREAM, QUICKSTART_CATEGORIES, _atomic_write, _is_current,
+                         default_quickstart_root, render_quickstart_image)
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +115,8 @@ def _generate_split(root, seed, split, num_images, image_size):
     json_file = os.path.join(base, "annotations", f"panoptic_{split}.json")
     info = {"generator": "iuq quickstart panoptic", "version": GENERATOR_VERSION, "seed": seed, "split": split,
             "num_images": num_images, "image_size": list(image_size)}
-    if os.path.isfile(json_file):
-        with open(json_file) as f:
-            if json.load(f).get("info") == info:
-                return json_file, image_dir, panoptic_dir
+    if _is_current(json_file, info, image_dir):
+        return json_file, image_dir, panoptic_dir
     logger.info(f"Generating the IUQ panoptic quickstart {split} split ({num_images} images) in {base} ...")
     for d in (image_dir, panoptic_dir, os.path.dirname(json_file)):
         os.makedirs(d, exist_ok=True)

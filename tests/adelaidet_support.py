@@ -205,3 +205,41 @@ def train_net_hiding(package, *argv):
     """``python train_net.py ARGV`` where ``package`` cannot be imported: (returncode, stderr)."""
     return run_hiding(package, f"sys.argv = ['train_net.py', *{list(argv)!r}]\n"
                                "runpy.run_path('train_net.py', run_name='__main__')")
+
+
+def assert_resume_restores_the_memory(args_for, run):
+    """A 2-iteration ``train_net`` run in ``run``, resumed as ``--resume`` does (the last
+    checkpoint, memory included): the trainer starts at iteration 2 with the saved memory.
+    ``args_for(out, *opts, resume=...)``: the test file's argument builder."""
+    _train_net_importable()
+    import train_net
+    from iuq.trainer import IUQTrainer
+
+    saved = torch.load(run / "model_final.pth", map_location="cpu", weights_only=False)["iuq_memory"]
+    trainer = IUQTrainer(train_net.setup(args_for(run, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()", resume=True)))
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 2
+    restored = trainer.memory.samples()
+    assert len(restored) == len(saved["embeddings"]) > 0
+    torch.testing.assert_close(restored.embeddings, saved["embeddings"].to(restored.embeddings.dtype))
+
+
+def assert_final_weights_load_into_the_stock_model(args_for, run, meta_architecture):
+    """``run``'s ``model_final.pth`` loads into the stock model (built from the same config, no IUQ
+    in it) with ``strict=True`` and no missing or unexpected keys."""
+    _train_net_importable()
+    import train_net
+    from detectron2.modeling import build_model
+
+    stock = build_model(train_net.setup(args_for(run)))
+    assert type(stock).__name__ == meta_architecture
+    state = torch.load(run / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    result = stock.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def _train_net_importable():
+    import sys
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))

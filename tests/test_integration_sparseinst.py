@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from adelaidet_support import CONFIGS, MODEL_SMALL, REPO, SMALL, register_subset, train_net_hiding
+from adelaidet_support import (CONFIGS, MODEL_SMALL, REPO, SMALL, assert_final_weights_load_into_the_stock_model,
+                               assert_resume_restores_the_memory, register_subset, train_net_hiding)
 
 def test_a_sparseinst_config_without_sparseinst_names_the_installer():
     pytest.importorskip("detectron2", reason="detectron2 is not installed (not on PyPI; see README)")
@@ -151,28 +152,11 @@ def run(tmp_path_factory, forward):
 
 
 def test_resume_restores_the_memory(run):
-    import train_net
-    from iuq.trainer import IUQTrainer
-
-    saved = torch.load(run / "model_final.pth", map_location="cpu", weights_only=False)["iuq_memory"]
-    trainer = IUQTrainer(train_net.setup(args_for(run, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()",
-                                                  resume=True)))
-    trainer.resume_or_load(resume=True)  # as --resume does: the last checkpoint, memory included
-    assert trainer.start_iter == 2
-    restored = trainer.memory.samples()
-    assert len(restored) == len(saved["embeddings"]) > 0
-    torch.testing.assert_close(restored.embeddings, saved["embeddings"].to(restored.embeddings.dtype))
+    assert_resume_restores_the_memory(args_for, run)
 
 
 def test_final_weights_load_into_the_stock_sparseinst_model(run):
-    import train_net
-    from detectron2.modeling import build_model
-
-    stock = build_model(train_net.setup(args_for(run)))
-    assert type(stock).__name__ == "SparseInst"
-    state = torch.load(run / "model_final.pth", map_location="cpu", weights_only=False)["model"]
-    result = stock.load_state_dict(state, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
+    assert_final_weights_load_into_the_stock_model(args_for, run, "SparseInst")
 
 
 def test_eval_only_reports_segm_ap(run, tmp_path):

@@ -25,6 +25,7 @@ SMALL = [
     "INPUT.MIN_SIZE_TEST", "256", "INPUT.MAX_SIZE_TEST", "400",
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.001", "DATALOADER.NUM_WORKERS", "0",
     "MODEL.IUQ.MEMORY.SIZE", "2000", "TEST.EVAL_PERIOD", "0", "SEED", "7",
+    "MODEL.IUQ.WARMUP_ITERS", "0",  # IUQ's losses at the paper's full weight from the first step
 ]
 
 

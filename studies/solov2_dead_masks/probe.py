@@ -5,7 +5,7 @@ queries on their own instance (the trainer's dead-mask monitor, ``own_mask_proba
 whole model's gradient norm. One row per variant in probes.jsonl (a variant already there is
 skipped).
 
-    python studies/solov2_dead_masks/probe.py [--steps 40] [--only NAME ...]
+    python studies/solov2_dead_masks/probe.py [--steps 40] [--seed S] [--only NAME ...]
 """
 import argparse
 import json
@@ -25,10 +25,17 @@ VARIANTS = {  # name -> (overrides, full-model gradient-norm clip or None)
     "focal_momentum_0": (INTER_ONLY + ["SOLVER.MOMENTUM", "0.0"], None),
     "focal_clip_full_model_10": (INTER_ONLY, 10.0),
     "l1": (INTER_ONLY + ["MODEL.IUQ.INTER.LOSS", "l1"], None),
+    # the remedy (run.py's inter_lr_warm500): IUQ ramped over 500 iterations at the batch-scaled lr
+    "remedy": (INTER_ONLY + ["MODEL.IUQ.WARMUP_ITERS", "500", "SOLVER.BASE_LR", "0.0025"], None),
+    # L_inter's gradient at each query cannot lower its own-instance logit (PROTECT_OWN_MASKS) ...
+    "protect": (INTER_ONLY + ["MODEL.IUQ.INTER.PROTECT_OWN_MASKS", "True"], None),
+    # ... and L_inter reaches the queries only (the batch's samples detached: no embedding path)
+    "protect_detached_samples": (INTER_ONLY + ["MODEL.IUQ.INTER.PROTECT_OWN_MASKS", "True"], None),
 }
+DETACH_SAMPLES = {"protect_detached_samples"}
 
 
-def probe(overrides, clip, steps):
+def probe(overrides, clip, steps, seed=0, detach_samples=False):
     from detectron2.utils.events import EventStorage
 
     from iuq.config import get_iuq_cfg
@@ -40,8 +47,13 @@ def probe(overrides, clip, steps):
     register_quickstart(names=["iuq_quickstart_train"])
     cfg = get_iuq_cfg()
     cfg.merge_from_file(os.path.join(ROOT, "configs/quickstart_solov2.yaml"))
-    cfg.merge_from_list(["SEED", "0", "OUTPUT_DIR", "/tmp/iuq_dead_mask_probe"] + overrides)
+    cfg.merge_from_list(["SEED", str(seed), "OUTPUT_DIR", "/tmp/iuq_dead_mask_probe"] + overrides)
     trainer = IUQTrainer(cfg)
+    if detach_samples:
+        from iuq import trainer as trainer_module
+
+        sample = trainer_module.sample_pixels
+        trainer_module.sample_pixels = lambda *a, **k: sample(*a, **k).detach()
     own, norms = [], []
     monitor = trainer.watch_dead_masks
 
@@ -73,18 +85,19 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--only", nargs="*")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     path = os.path.join(HERE, "probes.jsonl")
     done = set()
     if os.path.exists(path):
         with open(path) as f:
-            done = {(r["variant"], r["steps"]) for r in map(json.loads, f)}
+            done = {(r["variant"], r["steps"], r.get("seed", 0)) for r in map(json.loads, f)}
     for name, (overrides, clip) in VARIANTS.items():
-        if (args.only and name not in args.only) or (name, args.steps) in done:
+        if (args.only and name not in args.only) or (name, args.steps, args.seed) in done:
             continue
-        own, norms, last = probe(overrides, clip, args.steps)
+        own, norms, last = probe(overrides, clip, args.steps, args.seed, name in DETACH_SAMPLES)
         dead = next((i for i in range(len(own)) if all(p is not None and p < 1e-3 for p in own[i:])), None)
-        row = {"variant": name, "steps": args.steps, "overrides": overrides, "clip_full_model": clip,
+        row = {"variant": name, "steps": args.steps, "seed": args.seed, "overrides": overrides, "clip_full_model": clip,
                "dead_from_step": dead, "own_mask_p": own, "grad_norm": norms, "last_losses": last}
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")

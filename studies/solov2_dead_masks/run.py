@@ -4,6 +4,12 @@ results.jsonl as it finishes (a variant already there is skipped, so the script 
 
     python studies/solov2_dead_masks/run.py [--iters N] [--seed S] [--only NAME ...]
 
+Variants named ``trunk_*`` stand in for the R50 recipes, which start from an ImageNet-trained
+ResNet with new heads: their ResNet trunk (``backbone.bottom_up``, what an ImageNet checkpoint
+holds) comes from the ``baseline`` run of the same seed and length (IUQ off, run first if it is
+missing), their FPN and heads are random, and they train at the recipe's batch-scaled lr and its
+learning-rate warm-up (1000 iterations from 1%). No ImageNet weights can be had here.
+
 A run's masks are "dead" at a logged step (every 20 iterations, medians over 20 steps) when the
 dice term is at its maximum: loss_ins == DICE_WEIGHT (dice loss 1 on every instance).
 """
@@ -22,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 # the study began; it now ships the remedy, so a variant must not inherit its defaults).
 PAPER = ["MODEL.IUQ.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "0.01"]
 LR_SCALED = ["SOLVER.BASE_LR", "0.0025"]  # 0.01 at 16 images (AdelaiDet's recipe) scaled to 4
+RECIPE_LR = [*LR_SCALED, "SOLVER.WARMUP_ITERS", "1000", "SOLVER.WARMUP_FACTOR", "0.01"]  # Base-SOLOv2.yaml's
 VARIANTS = {
     "baseline": ["MODEL.IUQ.ENABLED", "False"],
     "baseline_dice6": ["MODEL.IUQ.ENABLED", "False", "MODEL.SOLOV2.LOSS.DICE_WEIGHT", "6.0"],
@@ -36,7 +43,37 @@ VARIANTS = {
     "inter_warm500": ["MODEL.IUQ.EQUI.ENABLED", "False", "MODEL.IUQ.WARMUP_ITERS", "500"],
     "inter_lr_warm500": ["MODEL.IUQ.EQUI.ENABLED", "False", "MODEL.IUQ.WARMUP_ITERS", "500", *LR_SCALED],
     "both_lr_warm500": ["MODEL.IUQ.WARMUP_ITERS", "500", *LR_SCALED],
+    # MODEL.IUQ.INTER.PROTECT_OWN_MASKS: L_inter's gradient at a query cannot lower its own-instance logit
+    "inter_protect": ["MODEL.IUQ.EQUI.ENABLED", "False", "MODEL.IUQ.INTER.PROTECT_OWN_MASKS", "True"],
+    "both_protect": ["MODEL.IUQ.INTER.PROTECT_OWN_MASKS", "True"],
+    # the R50 recipes' situation (see the docstring): a trained trunk, new heads, the recipe's lr
+    "trunk_baseline": ["MODEL.IUQ.ENABLED", "False", *RECIPE_LR],
+    "trunk_both": [*RECIPE_LR],  # Base-SOLOv2.yaml as it is: no IUQ ramp
+    "trunk_both_warm1000": ["MODEL.IUQ.WARMUP_ITERS", "1000", *RECIPE_LR],  # ramp as long as the lr's
+    # IUQ switched on after the base model has trained alone: every weight from this seed's
+    # 300-iteration baseline, then IUQ ramped over 500 iterations at the batch-scaled lr
+    "after_baseline_both_lr_warm500": ["MODEL.IUQ.WARMUP_ITERS", "500", *LR_SCALED],
 }
+
+
+def trunk_weights(args, whole=False):
+    """The ResNet trunk of this seed's ``baseline`` run, saved as a checkpoint holding nothing else
+    (what MODEL.WEIGHTS gives a recipe from ImageNet), or (``whole``) its every weight; the
+    baseline is trained first if missing."""
+    base = os.path.join(args.output_dir, f"baseline_{args.iters}" + (f"_seed{args.seed}" if args.seed else ""))
+    if whole:
+        if not os.path.exists(os.path.join(base, "model_final.pth")):
+            run(args, "baseline")
+        return os.path.join(base, "model_final.pth")
+    path = base + "_trunk.pth"
+    if not os.path.exists(path):
+        if not os.path.exists(os.path.join(base, "model_final.pth")):
+            run(args, "baseline")
+        import torch
+
+        model = torch.load(os.path.join(base, "model_final.pth"), map_location="cpu")["model"]
+        torch.save({"model": {k: v for k, v in model.items() if k.startswith("backbone.bottom_up.")}}, path)
+    return path
 
 
 def read_metrics(path):
@@ -59,34 +96,45 @@ def main():
     if os.path.exists(results):
         with open(results) as f:
             done = {(r["variant"], r["iters"], r.get("seed", 0)) for r in map(json.loads, f)}
-    for name, overrides in VARIANTS.items():
+    for name in VARIANTS:
         if (args.only and name not in args.only) or (name, args.iters, args.seed) in done:
             continue
-        out = os.path.join(args.output_dir, f"{name}_{args.iters}" + (f"_seed{args.seed}" if args.seed else ""))
-        cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file",
-               os.path.join(ROOT, "configs/quickstart_solov2.yaml"), "SEED", str(args.seed),
-               "SOLVER.MAX_ITER", str(args.iters), "OUTPUT_DIR", out, *PAPER, *overrides]
-        start = time.time()
-        log = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if log.returncode:
-            print(log.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{name}: train_net failed")
-        dice_weight = float(overrides[overrides.index("MODEL.SOLOV2.LOSS.DICE_WEIGHT") + 1]) \
-            if "MODEL.SOLOV2.LOSS.DICE_WEIGHT" in overrides else 3.0
-        metrics = read_metrics(os.path.join(out, "metrics.json"))
-        curve = [{k: r.get(k) for k in ("iteration", "loss_ins", "loss_cate", "loss_inter", "loss_equi",
-                                         "iuq/own_mask_p")} for r in metrics]
-        dead = [r["iteration"] for r in metrics if r["loss_ins"] >= dice_weight * 0.999]
-        ap = None
-        for line in log.stdout.splitlines() + log.stderr.splitlines():
-            if "copypaste: " in line and line.split("copypaste: ")[1][:1].isdigit():
-                ap = line.split("copypaste: ")[1]  # last one is segm
-        row = {"variant": name, "iters": args.iters, "seed": args.seed, "overrides": overrides, "seconds": round(time.time() - start),
-               "dead_at_logged_iters": dead, "dead_at_end": bool(metrics) and metrics[-1]["iteration"] in dead,
-               "warned": "the masks are dead" in log.stderr + log.stdout, "segm_copypaste": ap, "curve": curve}
-        with open(results, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"{name}: dead at end {row['dead_at_end']}, dead at {dead}, {row['seconds']} s", flush=True)
+        run(args, name)
+        done.add((name, args.iters, args.seed))
+
+
+def run(args, name):
+    results = os.path.join(HERE, "results.jsonl")
+    overrides = VARIANTS[name]
+    if name.startswith("trunk_"):
+        overrides = overrides + ["MODEL.WEIGHTS", trunk_weights(args)]
+    elif name.startswith("after_baseline_"):
+        overrides = overrides + ["MODEL.WEIGHTS", trunk_weights(args, whole=True)]
+    out = os.path.join(args.output_dir, f"{name}_{args.iters}" + (f"_seed{args.seed}" if args.seed else ""))
+    cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file",
+           os.path.join(ROOT, "configs/quickstart_solov2.yaml"), "SEED", str(args.seed),
+           "SOLVER.MAX_ITER", str(args.iters), "OUTPUT_DIR", out, *PAPER, *overrides]
+    start = time.time()
+    log = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if log.returncode:
+        print(log.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{name}: train_net failed")
+    dice_weight = float(overrides[overrides.index("MODEL.SOLOV2.LOSS.DICE_WEIGHT") + 1]) \
+        if "MODEL.SOLOV2.LOSS.DICE_WEIGHT" in overrides else 3.0
+    metrics = read_metrics(os.path.join(out, "metrics.json"))
+    curve = [{k: r.get(k) for k in ("iteration", "loss_ins", "loss_cate", "loss_inter", "loss_equi",
+                                     "iuq/own_mask_p")} for r in metrics]
+    dead = [r["iteration"] for r in metrics if r["loss_ins"] >= dice_weight * 0.999]
+    ap = None
+    for line in log.stdout.splitlines() + log.stderr.splitlines():
+        if "copypaste: " in line and line.split("copypaste: ")[1][:1].isdigit():
+            ap = line.split("copypaste: ")[1]  # last one is segm
+    row = {"variant": name, "iters": args.iters, "seed": args.seed, "overrides": overrides, "seconds": round(time.time() - start),
+           "dead_at_logged_iters": dead, "dead_at_end": bool(metrics) and metrics[-1]["iteration"] in dead,
+           "warned": "the masks are dead" in log.stderr + log.stdout, "segm_copypaste": ap, "curve": curve}
+    with open(results, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"{name}: dead at end {row['dead_at_end']}, dead at {dead}, {row['seconds']} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ require_adelaidet()
 
 from iuq import trainer as trainer_module  # noqa: E402
 from iuq.adapters.base import Captured  # noqa: E402
-from iuq.losses import protect_own_masks  # noqa: E402
 from iuq.trainer import IUQTrainer  # noqa: E402
 
 
@@ -127,53 +126,3 @@ def test_the_ramped_iuq_weights_keep_the_slim_solov2s_masks_alive(tmp_path):
     assert min(remedy[-10:]) > 0.05, remedy
     paper = _own_mask_p_per_step(tmp_path / "paper", 30, "MODEL.IUQ.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "0.01")
     assert max(paper[-10:]) < 1e-3, paper
-
-
-def test_own_mask_directions_are_the_mean_embedding_over_the_own_instance(trainer):
-    """SOLOv2 decodes by a dot product, so d(mean own-instance logit)/d(query) is the mean of the
-    embedding over the instance's cells (by hand)."""
-    d, h, w = 16, 6, 7
-    gt = torch.zeros(3, h, w)
-    gt[0, 1:3, 2:5] = 1
-    gt[1, 4:6, 0:2] = 1  # gt 2 stays empty: no cell, a zero direction
-    emb = torch.randn(2, d, h, w)
-    cap = Captured(queries=torch.randn(3, d), query_images=torch.tensor([0, 1, 1]), gt_masks=gt,
-                   gt_index=torch.arange(3), embeddings=emb)
-    got = trainer.own_mask_directions(cap)
-    want = torch.stack([emb[0][:, 1:3, 2:5].mean((1, 2)), emb[1][:, 4:6, 0:2].mean((1, 2)), torch.zeros(d)])
-    assert torch.allclose(got, want, atol=1e-6)
-
-
-def test_protected_inter_loss_cannot_lower_a_querys_own_logit(trainer, monkeypatch):
-    """MODEL.IUQ.INTER.PROTECT_OWN_MASKS on a real SOLOv2 step (random init, COCO sample): the
-    gradient loss_inter sends to each query has <g, d> <= 0 against its own-instance direction d
-    (a descent step cannot lower the query's own-instance logit, to first order); unprotected,
-    some queries' gradients do lower it (the mechanism that kills SOLOv2's masks)."""
-    batch = next(trainer._trainer._data_loader_iter)
-
-    def inter_gradient(protect):
-        seen = {}
-
-        def spy(queries, directions):
-            hooked = queries.view_as(queries)  # only this path reaches it: L_inter's gradient alone
-            hooked.register_hook(lambda g: seen.update(g=g.detach().clone()))
-            seen["d"] = directions
-            return protect_own_masks(hooked, directions) if protect else hooked
-
-        monkeypatch.setattr(trainer, "iuq_cfg", trainer.iuq_cfg.clone())
-        trainer.iuq_cfg.defrost()
-        trainer.iuq_cfg.INTER.PROTECT_OWN_MASKS, trainer.iuq_cfg.EQUI.ENABLED = True, False
-        monkeypatch.setattr(trainer_module, "protect_own_masks", spy)
-        trainer.iter = 100  # past the warm-up
-        torch.manual_seed(1)
-        loss_dict, _ = trainer.forward_losses(copy.deepcopy(batch))
-        loss_dict["loss_inter"].backward()
-        return (seen["g"] * seen["d"]).sum(1), seen["g"]
-
-    unprotected, g0 = inter_gradient(False)
-    protected, g1 = inter_gradient(True)
-    assert float(g0.abs().sum()) > 0 and bool((unprotected > 1e-6).any()), unprotected
-    assert bool((protected <= 1e-5 * protected.abs().max().clamp(min=1)).all()), protected
-    # where the unprotected gradient did not lower the own logit, nothing changed
-    keep = unprotected <= 0
-    assert torch.allclose(g1[keep], g0[keep], rtol=1e-4, atol=1e-7)

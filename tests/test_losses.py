@@ -12,7 +12,6 @@ from iuq.losses import (
     inter_pointwise_loss_and_grad,
     inter_scene_loss,
     naive_inter_scene_loss,
-    protect_own_masks,
 )
 from iuq.samples import PixelSamples
 
@@ -250,21 +249,3 @@ def test_a_split_decode_prepares_the_queries_once_per_loss():
 def test_mismatched_ids_are_reported():
     with pytest.raises(ValueError, match="3 queries but 2 image ids"):
         inter_scene_loss(torch.randn(3, 4), torch.tensor([0, 1]), [bank(torch.randn(2, 4), [0, 1])])
-
-
-def test_protect_own_masks_removes_only_the_part_that_lowers_the_own_logit():
-    """MODEL.IUQ.INTER.PROTECT_OWN_MASKS: forward is the identity; in backward a row's gradient g
-    with <g, d> > 0 loses its component along d, other rows pass unchanged (by hand)."""
-    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [5.0, -1.0]], requires_grad=True)
-    d = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0], [0.0, 0.0]])
-    w = torch.tensor([[2.0, 3.0], [-1.0, -1.0], [4.0, 1.0], [7.0, 7.0]])  # the gradient that arrives
-    out = protect_own_masks(queries, d)
-    assert torch.equal(out, queries.detach())
-    (out * w).sum().backward()
-    # row 0: <g, d> = 2 > 0 -> [2, 3] - 2 [1, 0]; row 1: <g, d> = -2, unchanged;
-    # row 2: <g, d> = 2 > 0 -> [4, 1] - (2 / 4) [0, 2]; row 3: d = 0, unchanged
-    assert torch.allclose(queries.grad, torch.tensor([[0.0, 3.0], [-1.0, -1.0], [4.0, 0.0], [7.0, 7.0]]))
-    # so a descent step -g never lowers <q, d> (to first order)
-    assert bool(((queries.grad * d).sum(1) <= 1e-6).all())
-    with pytest.raises(ValueError, match="directions"):
-        protect_own_masks(queries, d[:2])

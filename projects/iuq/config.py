@@ -32,12 +32,6 @@ def add_iuq_config(cfg):
     cfg.MODEL.IUQ.INTER.ALPHA = 0.1
     cfg.MODEL.IUQ.INTER.GAMMA = 2.5
     cfg.MODEL.IUQ.INTER.WEIGHT = 1.0
-    # Not in the paper (default off). True: at each query, the inter-scene loss's gradient loses
-    # the part that would lower the query's mean logit on its own instance (to first order), so
-    # L_inter cannot turn a query's own mask off (``losses.protect_own_masks``); the base losses
-    # and the gradient into the embeddings are untouched. For SOLOv2-like models whose masks die
-    # under L_inter (docs/study.md, "SOLOv2's dead masks").
-    cfg.MODEL.IUQ.INTER.PROTECT_OWN_MASKS = False
     # Memory samples decoded per chunk: bounds the loss's extra memory at one Q x CHUNK_SIZE decode
     # (CondInst: 8 hidden channels per pair). On a CPU, 512 keeps CondInst's [Q, 8, C] tensors
     # nearer the caches (1.2 s vs 1.4 s at 1024, Q = 350, 100K samples) and costs the dot
@@ -129,7 +123,7 @@ def validate_iuq_config(cfg):
     if "IUQ" not in cfg.MODEL:
         raise ValueError("Config has no MODEL.IUQ section: call iuq.add_iuq_config(cfg) first")
     node = cfg.MODEL.IUQ
-    for key in ("ENABLED", "INTER.ENABLED", "INTER.PROTECT_OWN_MASKS", "EQUI.ENABLED", "EQUI.VIEWS_IN_BATCH", "MEASURES.ENABLED"):
+    for key in ("ENABLED", "INTER.ENABLED", "EQUI.ENABLED", "EQUI.VIEWS_IN_BATCH", "MEASURES.ENABLED"):
         if not isinstance(_get(node, key), bool):
             _fail(key, _get(node, key), "must be True or False")
 

@@ -269,36 +269,6 @@ class _FusedInterLoss(torch.autograd.Function):
         return (None,) * 9 + tuple(grads)
 
 
-class _ProtectOwn(torch.autograd.Function):
-    """Identity in forward; in backward, each row's gradient g loses its component along its
-    direction d when <g, d> > 0: g - max(0, <g, d>) / |d|^2 * d (rows with d = 0 are unchanged)."""
-
-    @staticmethod
-    def forward(ctx, queries, directions):
-        ctx.save_for_backward(directions)
-        return queries.view_as(queries)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (d,) = ctx.saved_tensors
-        d = d.to(grad.dtype)
-        norm2 = (d * d).sum(1, keepdim=True)
-        coef = (grad * d).sum(1, keepdim=True).clamp(min=0) / norm2.clamp(min=torch.finfo(grad.dtype).tiny)
-        return grad - torch.where(norm2 > 0, coef, torch.zeros_like(coef)) * d, None
-
-
-def protect_own_masks(queries, directions):
-    """``queries`` [Q, P], unchanged in value, whose gradient (from whatever is computed from the
-    returned tensor, i.e. the inter-scene loss) cannot lower each query's mean logit on its own
-    instance to first order: with ``directions`` [Q, P] = d(mean own-instance logit)/d(query)
-    (``IUQTrainer.own_mask_directions``), a gradient g with <g, d> > 0 (a descent step -lr g would
-    lower that logit) loses its component along d; any other g passes unchanged.
-    MODEL.IUQ.INTER.PROTECT_OWN_MASKS (not in the paper; docs/study.md, "SOLOv2's dead masks")."""
-    if directions.shape != queries.shape:
-        raise ValueError(f"protect_own_masks: directions {tuple(directions.shape)} for queries {tuple(queries.shape)}")
-    return _ProtectOwn.apply(queries, directions.detach())
-
-
 def inter_scene_loss(
     queries,
     query_image_ids,

@@ -27,7 +27,7 @@ from .chunked import chunked_sum
 from .config import validate_iuq_config
 from .crops import crops
 from .equivariance import valid_cells
-from .losses import inter_scene_loss, protect_own_masks
+from .losses import inter_scene_loss
 from .memory import PixelMemory
 from .models import check_num_classes
 from .samples import sample_pixels
@@ -211,29 +211,12 @@ class IUQTrainer(DefaultTrainer):
         if len(mine) == 0:
             return None
         keep = mine[torch.linspace(0, len(mine) - 1, min(len(mine), DEAD_MASK_QUERIES)).long()]
-        return self._own_instance_mean(cap, keep, cap.queries[keep].detach(), torch.sigmoid)
-
-    def _own_instance_mean(self, cap, keep, queries, fn):
-        """[q]: the mean of ``fn(logit)`` of each query ``queries`` [q, P] (``cap.queries[keep]``
-        or a copy) over its own instance's cells, decoded on the detached embedding map."""
-        _, images, meta, targets = cap.select_queries(keep)
-        logits = self.adapter.decode_map(queries, meta, images, cap.embeddings.detach())
+        queries, images, meta, targets = cap.select_queries(keep)
+        logits = self.adapter.decode_map(queries.detach(), meta, images, cap.embeddings.detach())
         hm, wm = min(logits.shape[-2], targets.shape[-2]), min(logits.shape[-1], targets.shape[-1])
         inside = targets[:, :hm, :wm] > 0.5
-        values = fn(logits[:, :hm, :wm].float()) * inside
-        return values.flatten(1).sum(1) / inside.flatten(1).sum(1).clamp(min=1)
-
-    def own_mask_directions(self, cap):
-        """[Q, P]: d(mean logit of query n on its own instance) / d(q_n) for every captured query
-        (zeros for an instance with no cell on the mask grid), in chunks of EQUI_QUERY_CHUNK
-        queries. For a dot-product decode it is the mean embedding over the instance."""
-        out = torch.zeros_like(cap.queries, dtype=torch.float32)
-        with torch.enable_grad():
-            for idx in torch.arange(len(cap.queries), device=cap.queries.device).split(EQUI_QUERY_CHUNK):
-                leaf = cap.queries[idx].detach().clone().requires_grad_(True)
-                mean = self._own_instance_mean(cap, idx, leaf, lambda x: x)
-                out[idx] = torch.autograd.grad(mean.sum(), leaf)[0]
-        return out
+        p = logits[:, :hm, :wm].float().sigmoid() * inside
+        return p.flatten(1).sum(1) / inside.flatten(1).sum(1).clamp(min=1)
 
     def watch_dead_masks(self, cap, num_originals):
         """Log ``iuq/own_mask_p`` (mean over queries) and warn once when every matched query's mask
@@ -301,11 +284,8 @@ class IUQTrainer(DefaultTrainer):
             instance_classes=classes, instance_stuff=[stuff_classes_of(c, self.stuff) >= 0 for c in classes],
         )
         query_stuff = None if cap.query_classes is None else stuff_classes_of(cap.query_classes, self.stuff)
-        queries = cap.queries
-        if cfg.INTER.PROTECT_OWN_MASKS and len(queries):
-            queries = protect_own_masks(queries, self.own_mask_directions(cap))
         loss = inter_scene_loss(
-            queries, image_ids[cap.query_images], [samples, self.memory.samples()],
+            cap.queries, image_ids[cap.query_images], [samples, self.memory.samples()],
             decode=self.adapter.decode_samples, query_meta=cap.query_meta,
             loss=cfg.INTER.LOSS, alpha=cfg.INTER.ALPHA, gamma=cfg.INTER.GAMMA,
             chunk_size=cfg.INTER.CHUNK_SIZE, query_stuff_classes=query_stuff,

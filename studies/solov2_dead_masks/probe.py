@@ -27,12 +27,12 @@ VARIANTS = {  # name -> (overrides, full-model gradient-norm clip or None)
     "l1": (INTER_ONLY + ["MODEL.IUQ.INTER.LOSS", "l1"], None),
     # the remedy (run.py's inter_lr_warm500): IUQ ramped over 500 iterations at the batch-scaled lr
     "remedy": (INTER_ONLY + ["MODEL.IUQ.WARMUP_ITERS", "500", "SOLVER.BASE_LR", "0.0025"], None),
-    # L_inter's gradient at each query cannot lower its own-instance logit (PROTECT_OWN_MASKS) ...
-    "protect": (INTER_ONLY + ["MODEL.IUQ.INTER.PROTECT_OWN_MASKS", "True"], None),
-    # ... and L_inter reaches the queries only (the batch's samples detached: no embedding path)
-    "protect_detached_samples": (INTER_ONLY + ["MODEL.IUQ.INTER.PROTECT_OWN_MASKS", "True"], None),
+    # (rows "protect" and "protect_detached_samples" in probes.jsonl ran at commit 7eb4739 with
+    # MODEL.IUQ.INTER.PROTECT_OWN_MASKS, an option since removed: at each query, L_inter's gradient
+    # lost its component that would lower the query's mean own-instance logit; the second also
+    # detached the batch's samples, so L_inter reached the queries only)
 }
-DETACH_SAMPLES = {"protect_detached_samples"}
+DETACH_SAMPLES = set()  # variants whose batch samples are detached (none now)
 
 
 def probe(overrides, clip, steps, seed=0, detach_samples=False):

@@ -43,9 +43,8 @@ VARIANTS = {
     "inter_warm500": ["MODEL.IUQ.EQUI.ENABLED", "False", "MODEL.IUQ.WARMUP_ITERS", "500"],
     "inter_lr_warm500": ["MODEL.IUQ.EQUI.ENABLED", "False", "MODEL.IUQ.WARMUP_ITERS", "500", *LR_SCALED],
     "both_lr_warm500": ["MODEL.IUQ.WARMUP_ITERS", "500", *LR_SCALED],
-    # MODEL.IUQ.INTER.PROTECT_OWN_MASKS: L_inter's gradient at a query cannot lower its own-instance logit
-    "inter_protect": ["MODEL.IUQ.EQUI.ENABLED", "False", "MODEL.IUQ.INTER.PROTECT_OWN_MASKS", "True"],
-    "both_protect": ["MODEL.IUQ.INTER.PROTECT_OWN_MASKS", "True"],
+    # (rows "inter_protect" in results.jsonl ran at commit 7eb4739 with MODEL.IUQ.INTER.PROTECT_OWN_MASKS,
+    # an option since removed: L_inter's gradient at a query could not lower its own-instance logit)
     # the R50 recipes' situation (see the docstring): a trained trunk, new heads, the recipe's lr
     "trunk_baseline": ["MODEL.IUQ.ENABLED", "False", *RECIPE_LR],
     "trunk_both": [*RECIPE_LR],  # Base-SOLOv2.yaml as it is: no IUQ ramp

@@ -17,12 +17,12 @@ def add_iuq_config(cfg):
     cfg.MODEL.IUQ = CN()
     cfg.MODEL.IUQ.ENABLED = True
     # Linear warm-up of the IUQ loss weights (loss_inter, loss_equi): factor min(1, (iter + 1) /
-    # WARMUP_ITERS); 0 = none (the paper gives none). From random initialisation SOLOv2's
-    # kernel logits are O(10) with a random common sign (kernels . ReLU features, all >= 0); the
-    # inter loss at full weight then pushes every kernel along -mean(F) at once until every logit
-    # is far below 0, where sigmoid' = 0 and the dice loss has no gradient: the masks die. A ramp
-    # (500 iterations) at a learning rate scaled to the batch kept the slim quickstart SOLOv2's
-    # masks alive (configs/quickstart_solov2.yaml; docs/study.md, "SOLOv2's dead masks").
+    # WARMUP_ITERS); 0 = none (the paper gives none). SOLOv2's kernel logits start O(10) with a
+    # common part (kernels . ReLU features, all >= 0) that IUQ's losses push down at once; a mask
+    # whose logits fall far below 0 has no dice gradient left (sigmoid' = 0): the masks die. The
+    # SOLOv2 and SOTR recipes ramp over 1000 iterations (from a trained trunk that kept the masks
+    # alive); from random initialisation a ramp lowers the risk without removing it (docs/study.md,
+    # "SOLOv2's dead masks").
     cfg.MODEL.IUQ.WARMUP_ITERS = 0
 
     # Inter-scene uniqueness (Eq. 5): queries must not fire on other images' pixels.

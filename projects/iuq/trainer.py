@@ -238,12 +238,14 @@ class IUQTrainer(DefaultTrainer):
                 f"mean sigmoid >= {DEAD_MASK_P} on its own instance): the masks are dead, and the mask "
                 "losses have almost no gradient left to revive them. Seen with SOLOv2, whose ReLU mask "
                 "features give all its kernels' logits a common part that IUQ's losses push down at "
-                "once while the logits are large, and whose masks never came back in our runs; a "
-                "CondInst quickstart run's came back after ~140 steps (docs/study.md, 'SOLOv2's dead "
+                "once while the logits are large, and whose masks came back once in our runs (from a "
+                "trained trunk, after ~160 steps); a CondInst quickstart run's after ~140 steps (docs/study.md, 'SOLOv2's dead "
                 "masks'). Watch iuq/own_mask_p; if it stays at 0, restart from an earlier checkpoint "
-                "with IUQ's weights ramped in (MODEL.IUQ.WARMUP_ITERS, e.g. 500) at a learning rate scaled "
-                "to the batch: together they kept the slim quickstart SOLOv2's masks alive, where either "
-                "alone, lower loss weights, clipping and MODEL.IUQ.INTER.LOSS l1 did not."
+                "with IUQ's weights ramped in (MODEL.IUQ.WARMUP_ITERS, e.g. 1000 as the SOLOv2 and SOTR "
+                "recipes do) at a learning rate scaled to the batch: from a trained trunk that kept the "
+                "masks alive in our runs. From random initialisation it lowers the risk without removing "
+                "it; there, train the IUQ-off twin first and start IUQ from its weights (MODEL.WEIGHTS), "
+                "ramped."
             )
 
     def _autocast(self):

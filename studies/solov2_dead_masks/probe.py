@@ -30,12 +30,11 @@ VARIANTS = {  # name -> (overrides, full-model gradient-norm clip or None)
     # (rows "protect" and "protect_detached_samples" in probes.jsonl ran at commit 7eb4739 with
     # MODEL.IUQ.INTER.PROTECT_OWN_MASKS, an option since removed: at each query, L_inter's gradient
     # lost its component that would lower the query's mean own-instance logit; the second also
-    # detached the batch's samples, so L_inter reached the queries only)
+    # detached the batch's samples, so L_inter reached the queries only: probe.py at that commit)
 }
-DETACH_SAMPLES = set()  # variants whose batch samples are detached (none now)
 
 
-def probe(overrides, clip, steps, seed=0, detach_samples=False):
+def probe(overrides, clip, steps, seed=0):
     from detectron2.utils.events import EventStorage
 
     from iuq.config import get_iuq_cfg
@@ -49,11 +48,6 @@ def probe(overrides, clip, steps, seed=0, detach_samples=False):
     cfg.merge_from_file(os.path.join(ROOT, "configs/quickstart_solov2.yaml"))
     cfg.merge_from_list(["SEED", str(seed), "OUTPUT_DIR", "/tmp/iuq_dead_mask_probe"] + overrides)
     trainer = IUQTrainer(cfg)
-    if detach_samples:
-        from iuq import trainer as trainer_module
-
-        sample = trainer_module.sample_pixels
-        trainer_module.sample_pixels = lambda *a, **k: sample(*a, **k).detach()
     own, norms = [], []
     monitor = trainer.watch_dead_masks
 
@@ -95,7 +89,7 @@ def main():
     for name, (overrides, clip) in VARIANTS.items():
         if (args.only and name not in args.only) or (name, args.steps, args.seed) in done:
             continue
-        own, norms, last = probe(overrides, clip, args.steps, args.seed, name in DETACH_SAMPLES)
+        own, norms, last = probe(overrides, clip, args.steps, args.seed)
         dead = next((i for i in range(len(own)) if all(p is not None and p < 1e-3 for p in own[i:])), None)
         row = {"variant": name, "steps": args.steps, "seed": args.seed, "overrides": overrides, "clip_full_model": clip,
                "dead_from_step": dead, "own_mask_p": own, "grad_norm": norms, "last_losses": last}

@@ -22,6 +22,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+RESULTS = os.path.join(HERE, "results.jsonl")
 
 # name -> overrides; every run: SEED (--seed), the quickstart's schedule otherwise, from the
 # paper's setting pinned here (no IUQ ramp, lr 0.01 at batch 4: what the quickstart config held when
@@ -55,22 +56,21 @@ VARIANTS = {
 }
 
 
-def trunk_weights(args, whole=False):
-    """The ResNet trunk of this seed's ``baseline`` run, saved as a checkpoint holding nothing else
-    (what MODEL.WEIGHTS gives a recipe from ImageNet), or (``whole``) its every weight; the
-    baseline is trained first if missing."""
+def baseline_weights(args, trunk_only):
+    """A checkpoint from this seed's ``baseline`` run (trained first if missing): its every weight,
+    or (``trunk_only``) its ResNet trunk alone, saved as a checkpoint holding nothing else (what
+    MODEL.WEIGHTS gives a recipe from ImageNet)."""
     base = os.path.join(args.output_dir, f"baseline_{args.iters}" + (f"_seed{args.seed}" if args.seed else ""))
-    if whole:
-        if not os.path.exists(os.path.join(base, "model_final.pth")):
-            run(args, "baseline")
-        return os.path.join(base, "model_final.pth")
+    final = os.path.join(base, "model_final.pth")
+    if not os.path.exists(final):
+        run(args, "baseline")
+    if not trunk_only:
+        return final
     path = base + "_trunk.pth"
     if not os.path.exists(path):
-        if not os.path.exists(os.path.join(base, "model_final.pth")):
-            run(args, "baseline")
         import torch
 
-        model = torch.load(os.path.join(base, "model_final.pth"), map_location="cpu")["model"]
+        model = torch.load(final, map_location="cpu")["model"]
         torch.save({"model": {k: v for k, v in model.items() if k.startswith("backbone.bottom_up.")}}, path)
     return path
 
@@ -90,10 +90,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=os.path.join(HERE, "runs"))
     args = parser.parse_args()
-    results = os.path.join(HERE, "results.jsonl")
     done = set()
-    if os.path.exists(results):
-        with open(results) as f:
+    if os.path.exists(RESULTS):
+        with open(RESULTS) as f:
             done = {(r["variant"], r["iters"], r.get("seed", 0)) for r in map(json.loads, f)}
     for name in VARIANTS:
         if (args.only and name not in args.only) or (name, args.iters, args.seed) in done:
@@ -103,12 +102,11 @@ def main():
 
 
 def run(args, name):
-    results = os.path.join(HERE, "results.jsonl")
     overrides = VARIANTS[name]
     if name.startswith("trunk_"):
-        overrides = overrides + ["MODEL.WEIGHTS", trunk_weights(args)]
+        overrides = overrides + ["MODEL.WEIGHTS", baseline_weights(args, trunk_only=True)]
     elif name.startswith("after_baseline_"):
-        overrides = overrides + ["MODEL.WEIGHTS", trunk_weights(args, whole=True)]
+        overrides = overrides + ["MODEL.WEIGHTS", baseline_weights(args, trunk_only=False)]
     out = os.path.join(args.output_dir, f"{name}_{args.iters}" + (f"_seed{args.seed}" if args.seed else ""))
     cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file",
            os.path.join(ROOT, "configs/quickstart_solov2.yaml"), "SEED", str(args.seed),
@@ -128,10 +126,11 @@ def run(args, name):
     for line in log.stdout.splitlines() + log.stderr.splitlines():
         if "copypaste: " in line and line.split("copypaste: ")[1][:1].isdigit():
             ap = line.split("copypaste: ")[1]  # last one is segm
-    row = {"variant": name, "iters": args.iters, "seed": args.seed, "overrides": overrides, "seconds": round(time.time() - start),
-           "dead_at_logged_iters": dead, "dead_at_end": bool(metrics) and metrics[-1]["iteration"] in dead,
+    row = {"variant": name, "iters": args.iters, "seed": args.seed, "overrides": overrides,
+           "seconds": round(time.time() - start), "dead_at_logged_iters": dead,
+           "dead_at_end": bool(metrics) and metrics[-1]["iteration"] in dead,
            "warned": "the masks are dead" in log.stderr + log.stdout, "segm_copypaste": ap, "curve": curve}
-    with open(results, "a") as f:
+    with open(RESULTS, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"{name}: dead at end {row['dead_at_end']}, dead at {dead}, {row['seconds']} s", flush=True)
 

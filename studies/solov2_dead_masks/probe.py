@@ -35,6 +35,7 @@ VARIANTS = {  # name -> (overrides, full-model gradient-norm clip or None)
 
 
 def probe(overrides, clip, steps, seed=0):
+    from detectron2.utils.env import seed_all_rng
     from detectron2.utils.events import EventStorage
 
     from iuq.config import get_iuq_cfg
@@ -47,6 +48,7 @@ def probe(overrides, clip, steps, seed=0):
     cfg = get_iuq_cfg()
     cfg.merge_from_file(os.path.join(ROOT, "configs/quickstart_solov2.yaml"))
     cfg.merge_from_list(["SEED", str(seed), "OUTPUT_DIR", "/tmp/iuq_dead_mask_probe"] + overrides)
+    seed_all_rng(seed)  # as train_net does (default_setup): the weights' and the data order's seed
     trainer = IUQTrainer(cfg)
     own, norms = [], []
     monitor = trainer.watch_dead_masks
@@ -85,13 +87,14 @@ def main():
     done = set()
     if os.path.exists(path):
         with open(path) as f:
-            done = {(r["variant"], r["steps"], r.get("seed", 0)) for r in map(json.loads, f)}
+            # rows with "seeded": false ran before probe.py applied the seed (a random draw each)
+            done = {(r["variant"], r["steps"], r.get("seed", 0)) for r in map(json.loads, f) if r.get("seeded", True)}
     for name, (overrides, clip) in VARIANTS.items():
         if (args.only and name not in args.only) or (name, args.steps, args.seed) in done:
             continue
         own, norms, last = probe(overrides, clip, args.steps, args.seed)
         dead = next((i for i in range(len(own)) if all(p is not None and p < 1e-3 for p in own[i:])), None)
-        row = {"variant": name, "steps": args.steps, "seed": args.seed, "overrides": overrides, "clip_full_model": clip,
+        row = {"variant": name, "steps": args.steps, "seed": args.seed, "seeded": True, "overrides": overrides, "clip_full_model": clip,
                "dead_from_step": dead, "own_mask_p": own, "grad_norm": norms, "last_losses": last}
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -30,6 +30,7 @@ RESULTS = os.path.join(HERE, "results.jsonl")
 PAPER = ["MODEL.IUQ.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "0.01"]
 LR_SCALED = ["SOLVER.BASE_LR", "0.0025"]  # 0.01 at 16 images (AdelaiDet's recipe) scaled to 4
 RECIPE_LR = [*LR_SCALED, "SOLVER.WARMUP_ITERS", "1000", "SOLVER.WARMUP_FACTOR", "0.01"]  # Base-SOLOv2.yaml's
+NO_DECAY = ["SOLVER.STEPS", "(100000,)"]  # the quickstart's lr step at 400 moved past any run here
 VARIANTS = {
     "baseline": ["MODEL.IUQ.ENABLED", "False"],
     "baseline_dice6": ["MODEL.IUQ.ENABLED", "False", "MODEL.SOLOV2.LOSS.DICE_WEIGHT", "6.0"],
@@ -50,6 +51,10 @@ VARIANTS = {
     "trunk_baseline": ["MODEL.IUQ.ENABLED", "False", *RECIPE_LR],
     "trunk_both": [*RECIPE_LR],  # Base-SOLOv2.yaml as it is: no IUQ ramp
     "trunk_both_warm1000": ["MODEL.IUQ.WARMUP_ITERS", "1000", *RECIPE_LR],  # ramp as long as the lr's
+    # the same past the ramp's end: the recipe's lr stays flat after its warm-up until 60K, so no step
+    "trunk_both_warm1000_flat": ["MODEL.IUQ.WARMUP_ITERS", "1000", *RECIPE_LR, *NO_DECAY],
+    # Base-SOLOv2.yaml's schedule as shipped (IUQ and lr ramped over 1000 iterations) from random init
+    "recipe_both_flat": ["MODEL.IUQ.WARMUP_ITERS", "1000", *RECIPE_LR, *NO_DECAY],
     # IUQ switched on after the base model has trained alone: every weight from this seed's
     # 300-iteration baseline, then IUQ ramped over 500 iterations at the batch-scaled lr
     "after_baseline_both_lr_warm500": ["MODEL.IUQ.WARMUP_ITERS", "500", *LR_SCALED],
@@ -60,10 +65,11 @@ def baseline_weights(args, trunk_only):
     """A checkpoint from this seed's ``baseline`` run (trained first if missing): its every weight,
     or (``trunk_only``) its ResNet trunk alone, saved as a checkpoint holding nothing else (what
     MODEL.WEIGHTS gives a recipe from ImageNet)."""
-    base = os.path.join(args.output_dir, f"baseline_{args.iters}" + (f"_seed{args.seed}" if args.seed else ""))
+    iters = args.baseline_iters or args.iters
+    base = os.path.join(args.output_dir, f"baseline_{iters}" + (f"_seed{args.seed}" if args.seed else ""))
     final = os.path.join(base, "model_final.pth")
     if not os.path.exists(final):
-        run(args, "baseline")
+        run(argparse.Namespace(**{**vars(args), "iters": iters}), "baseline")
     if not trunk_only:
         return final
     path = base + "_trunk.pth"
@@ -89,6 +95,8 @@ def main():
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=os.path.join(HERE, "runs"))
+    parser.add_argument("--baseline-iters", type=int, help="length of the baseline run that trunk_* and "
+                        "after_baseline_* variants take their weights from (default: --iters)")
     args = parser.parse_args()
     done = set()
     if os.path.exists(RESULTS):

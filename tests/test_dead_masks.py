@@ -84,8 +84,9 @@ def test_dead_masks_are_detected_and_logged_once(trainer, caplog, monkeypatch):
 
 def _own_mask_p_per_step(tmp_path, steps, *overrides):
     """Train the slim quickstart SOLOv2 (configs/quickstart_solov2.yaml, SEED 0, random init,
-    loss_inter only: the loss that kills) ``steps`` steps; each step's mean own-instance
-    probability of the matched queries (the monitor's)."""
+    loss_inter only: the loss that kills) ``steps`` steps; per step, the largest own-instance
+    probability among the matched queries the monitor watches (a step is dead, for the monitor,
+    when it is below DEAD_MASK_P)."""
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.events import EventStorage
 
@@ -104,12 +105,14 @@ def _own_mask_p_per_step(tmp_path, steps, *overrides):
     monitor = trainer.watch_dead_masks
 
     def watch(cap, n):
-        seen.append(float(trainer.own_mask_probability(cap, n).mean()))
+        seen.append(float(trainer.own_mask_probability(cap, n).max()))
         monitor(cap, n)
 
     trainer.watch_dead_masks = watch
     # The trajectory is chaotic, and a sum splits differently over another number of threads: one
-    # thread, whatever the machine's cores or OMP_NUM_THREADS, gives the same trajectory every run.
+    # thread, whatever the machine's cores or OMP_NUM_THREADS, gives the same trajectory every run
+    # on one machine. Another CPU (its vector width) still rounds differently, and the trajectory
+    # drifts: the test asserts the monitor's dead/alive, not a level of the probability.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -134,7 +137,8 @@ def test_the_ramped_iuq_weights_keep_the_slim_solov2s_masks_alive(tmp_path):
     seed 1 the ramped run died at ~79; docs/study.md, "SOLOv2's dead masks".)"""
     remedy = _own_mask_p_per_step(tmp_path / "remedy", 30)
     paper = _own_mask_p_per_step(tmp_path / "paper", 30, "MODEL.IUQ.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "0.01")
-    print("own-instance p per step, ramped:", [round(p, 4) for p in remedy])
-    print("own-instance p per step, the paper's setting:", [round(p, 4) for p in paper])
-    assert min(remedy[-10:]) > 0.05, remedy
-    assert max(paper[-10:]) < 1e-3, paper
+    print("largest own-instance p per step, ramped:", [f"{p:.2g}" for p in remedy])
+    print("largest own-instance p per step, the paper's setting:", [f"{p:.2g}" for p in paper])
+    dead = trainer_module.DEAD_MASK_P
+    assert min(remedy[-10:]) > dead, remedy  # alive, for the monitor, through the last 10 steps
+    assert max(paper[-10:]) < dead, paper  # dead, for the monitor, through the last 10 steps

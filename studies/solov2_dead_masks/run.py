@@ -55,6 +55,10 @@ VARIANTS = {
     "trunk_both_warm1000_flat": ["MODEL.IUQ.WARMUP_ITERS", "1000", *RECIPE_LR, *NO_DECAY],
     # Base-SOLOv2.yaml's schedule as shipped (IUQ and lr ramped over 1000 iterations) from random init
     "recipe_both_flat": ["MODEL.IUQ.WARMUP_ITERS", "1000", *RECIPE_LR, *NO_DECAY],
+    # the quickstart with the recipe's shape of schedule: the lr warmed up from 1% over the same 500
+    # iterations as IUQ's ramp, then flat (no step at 400)
+    "quick_both_lrwarm500": ["MODEL.IUQ.WARMUP_ITERS", "500", *LR_SCALED, "SOLVER.WARMUP_ITERS", "500",
+                             "SOLVER.WARMUP_FACTOR", "0.01", *NO_DECAY],
     # IUQ switched on after the base model has trained alone: every weight from this seed's
     # 300-iteration baseline, then IUQ ramped over 500 iterations at the batch-scaled lr
     "after_baseline_both_lr_warm500": ["MODEL.IUQ.WARMUP_ITERS", "500", *LR_SCALED],

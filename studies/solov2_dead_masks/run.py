@@ -24,10 +24,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 RESULTS = os.path.join(HERE, "results.jsonl")
 
-# name -> overrides; every run: SEED (--seed), the quickstart's schedule otherwise, from the
-# paper's setting pinned here (no IUQ ramp, lr 0.01 at batch 4: what the quickstart config held when
-# the study began; it now ships the remedy, so a variant must not inherit its defaults).
-PAPER = ["MODEL.IUQ.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "0.01"]
+# name -> overrides; every run: SEED (--seed), from the paper's setting pinned here (no IUQ ramp,
+# lr 0.01 at batch 4, warmed up over 50 iterations from 0.1%, stepped at 400: what the quickstart
+# config held when the study began; it now ships the remedy, so a variant must not inherit its
+# defaults).
+PAPER = ["MODEL.IUQ.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "50",
+         "SOLVER.WARMUP_FACTOR", "0.001", "SOLVER.STEPS", "(400,)"]
 LR_SCALED = ["SOLVER.BASE_LR", "0.0025"]  # 0.01 at 16 images (AdelaiDet's recipe) scaled to 4
 RECIPE_LR = [*LR_SCALED, "SOLVER.WARMUP_ITERS", "1000", "SOLVER.WARMUP_FACTOR", "0.01"]  # Base-SOLOv2.yaml's
 NO_DECAY = ["SOLVER.STEPS", "(100000,)"]  # the quickstart's lr step at 400 moved past any run here
@@ -55,8 +57,9 @@ VARIANTS = {
     "trunk_both_warm1000_flat": ["MODEL.IUQ.WARMUP_ITERS", "1000", *RECIPE_LR, *NO_DECAY],
     # Base-SOLOv2.yaml's schedule as shipped (IUQ and lr ramped over 1000 iterations) from random init
     "recipe_both_flat": ["MODEL.IUQ.WARMUP_ITERS", "1000", *RECIPE_LR, *NO_DECAY],
+    "recipe_baseline_flat": ["MODEL.IUQ.ENABLED", "False", *RECIPE_LR, *NO_DECAY],  # its IUQ-off twin
     # the quickstart with the recipe's shape of schedule: the lr warmed up from 1% over the same 500
-    # iterations as IUQ's ramp, then flat (no step at 400)
+    # iterations as IUQ's ramp, then flat (no step at 400); configs/quickstart_solov2.yaml since
     "quick_both_lrwarm500": ["MODEL.IUQ.WARMUP_ITERS", "500", *LR_SCALED, "SOLVER.WARMUP_ITERS", "500",
                              "SOLVER.WARMUP_FACTOR", "0.01", *NO_DECAY],
     # IUQ switched on after the base model has trained alone: every weight from this seed's

@@ -240,12 +240,13 @@ class IUQTrainer(DefaultTrainer):
                 "features give all its kernels' logits a common part that IUQ's losses push down at "
                 "once while the logits are large, and whose masks came back once in our runs (from a "
                 "trained trunk, after ~160 steps); a CondInst quickstart run's after ~140 steps "
-                "(docs/study.md, 'SOLOv2's dead masks'). Watch iuq/own_mask_p; if it stays at 0, restart from an earlier checkpoint "
-                "with IUQ's weights ramped in (MODEL.IUQ.WARMUP_ITERS, e.g. 1000 as the SOLOv2 and SOTR "
-                "recipes do) at a learning rate scaled to the batch: from a trained trunk that kept the "
-                "masks alive in our runs. From random initialisation it lowers the risk without removing "
-                "it; there, train the IUQ-off twin first and start IUQ from its weights (MODEL.WEIGHTS), "
-                "ramped."
+                "(docs/study.md, 'SOLOv2's dead masks'). Watch iuq/own_mask_p; if it stays at 0, train "
+                "again (from scratch, or MODEL.WEIGHTS of a checkpoint saved before they died: not "
+                "--resume, which would skip the ramps) with IUQ's weights ramped in "
+                "(MODEL.IUQ.WARMUP_ITERS, e.g. 1000) over the learning rate's warm-up "
+                "(SOLVER.WARMUP_ITERS the same, SOLVER.WARMUP_FACTOR 0.01) to a learning rate scaled "
+                "to the batch, as the SOLOv2 and SOTR recipes do: that kept the masks alive on every "
+                "seed of our runs, from random initialisation and from a trained trunk."
             )
 
     def _autocast(self):

@@ -134,7 +134,7 @@ def test_the_ramped_iuq_weights_keep_the_slim_solov2s_masks_alive(tmp_path):
     """From random initialisation (SEED 0), the quickstart SOLOv2 as shipped (IUQ's weights and the
     lr ramped together over 500 iterations to lr 0.0025) keeps its masks through 30 steps; at the
     paper's full weight from step 0, lr 0.01 and a 50-iteration lr warm-up they are dead well
-    before. (The shipped schedule kept them for 500 iterations on seeds 0-2; docs/study.md,
+    before. (The shipped schedule kept them for 500 iterations on seeds 0-4; docs/study.md,
     "SOLOv2's dead masks".)"""
     remedy = _own_mask_p_per_step(tmp_path / "remedy", 30)
     paper = _own_mask_p_per_step(tmp_path / "paper", 30, "MODEL.IUQ.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "0.01",

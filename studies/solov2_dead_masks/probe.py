@@ -13,13 +13,13 @@ import os
 
 import torch
 
+from run import PAPER  # the sibling study script (this folder is on the path when run)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
-# The paper's setting pinned (no IUQ ramp, lr 0.01 warmed up over 50 iterations from 0.1%, stepped
-# at 400: the quickstart config when the study began), whatever the quickstart config now ships.
-INTER_ONLY = ["MODEL.IUQ.EQUI.ENABLED", "False", "MODEL.IUQ.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "0.01",
-              "SOLVER.WARMUP_ITERS", "50", "SOLVER.WARMUP_FACTOR", "0.001", "SOLVER.STEPS", "(400,)"]
+# The paper's setting as run.py pins it (whatever the quickstart config now ships), loss_inter only.
+INTER_ONLY = ["MODEL.IUQ.EQUI.ENABLED", "False", *PAPER]
 VARIANTS = {  # name -> (overrides, full-model gradient-norm clip or None)
     "weight_0 (the baseline's training, monitored)": (INTER_ONLY + ["MODEL.IUQ.INTER.WEIGHT", "0.0"], None),
     "focal": (INTER_ONLY, None),

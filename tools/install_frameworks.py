@@ -5,11 +5,16 @@
     python tools/install_frameworks.py sotr                  # in an environment of its own
     python tools/install_frameworks.py mask2former | sparseinst
     python tools/install_frameworks.py adelaidet --source ~/src/AdelaiDet --detectron2-source ~/src/detectron2
+    python tools/install_frameworks.py adelaidet --source AdelaiDet-3672122.tar.gz \
+        --detectron2-source detectron2-02b5c4e.tar.gz          # offline: `git archive` tarballs
 
 None of them is on a package registry. The installer clones the commits our tests run against
 (``iuq.frameworks``; ``--commit`` / ``--detectron2-commit`` to choose others) into ``--workdir``
-(default ``./frameworks``), or copies local checkouts (``--source``, ``--detectron2-source``:
-for machines without access to GitHub; your checkout itself is never modified), applies the
+(default ``./frameworks``), or takes local sources (``--source``, ``--detectron2-source``: for
+machines without access to GitHub): a checkout is copied (your checkout itself is never
+modified), a ``git archive`` tarball is unpacked. Either way the source's commit (the checkout's
+HEAD, the tarball's header) must be the tested one or the one ``--commit`` names: a mismatch is
+refused with what was found, never installed silently. Then it applies the
 fixes they need with current PyTorch (``iuq.frameworks.FIXES``: our code, documented there),
 builds against the installed torch (``pip install --no-build-isolation -e``; CUDA ops where a
 CUDA toolkit and GPU are present), and ends by building the framework's models and running one
@@ -19,10 +24,12 @@ it refuses to put the second in an environment that has the first.
 """
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -30,8 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "projects"))  # `iuq` without installing: it needs no detectron2
 
-from iuq.frameworks import (DETECTRON2, FRAMEWORKS, adet_flavours, apply_fixes, git_commit,  # noqa: E402
-                            installed)
+from iuq.frameworks import (DETECTRON2, FRAMEWORKS, SOURCE_RECORD, adet_flavours, apply_fixes,  # noqa: E402
+                            git_commit, installed)
 
 # One CPU training step with IUQ on, per model (small: random init, short side 128, 2 images).
 STEP = ["SOLVER.MAX_ITER", "1", "DATASETS.TEST", "()", "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0",
@@ -71,16 +78,81 @@ def build_env(jobs):
     return {"FORCE_CUDA": "1" if cuda_build() else "0", "MAX_JOBS": str(jobs)}
 
 
+TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
+
+
+def is_tarball(path):
+    return path.is_file() and path.name.endswith(TARBALL_SUFFIXES)
+
+
+def tarball_commit(tarball):
+    """The commit a ``git archive`` tarball was made from (its pax header's ``comment``, what
+    ``git get-tar-commit-id`` reads), or None."""
+    with tarfile.open(tarball) as tar:
+        tar.next()  # the global pax header is read with the first member
+        commit = tar.pax_headers.get("comment", "").strip()
+    return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def check_source_commit(framework, source, found, commit):
+    """Refuse a source whose commit is not the one asked for (``commit``, else the tested one)."""
+    flag = "--detectron2-commit" if framework is DETECTRON2 else "--commit"
+    wanted = commit or framework.commit
+    if found is None:
+        if commit:
+            say(f"{framework.name}: {source} does not say its commit; installing it as {flag} {commit} asks")
+            return
+        raise SystemExit(
+            f"[install] {source}: cannot tell which commit of {framework.name} it holds (no git checkout, no "
+            f"`git archive` header), and the tests run against {framework.commit[:7]}. Make it with `git archive "
+            f"{framework.commit[:7]}`, or vouch for it with {flag} COMMIT.")
+    if not (found.startswith(wanted) or wanted.startswith(found)):
+        raise SystemExit(
+            f"[install] {source} holds {framework.name} at {found[:7]}, but {'you asked for' if commit else 'the tests run against'} "
+            f"{wanted[:7]}. Use a source at {wanted[:7]} (`git archive {wanted[:7]}` on a machine with access), or "
+            f"install this one anyway with {flag} {found}.")
+
+
+def unpack(framework, tarball, dest, dry_run):
+    """Unpack a ``git archive`` tarball (one top folder) to ``dest``, recording its commit in
+    ``dest/.iuq-source`` (``iuq.frameworks.git_commit`` reads it: an archive has no ``.git``)."""
+    say(f"{framework.name}: unpacking {tarball} to {dest}")
+    if dry_run:
+        return
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    with tarfile.open(tarball) as tar:
+        tar.extractall(partial, filter="data")
+    tops = [p for p in partial.iterdir()]
+    if len(tops) != 1 or not tops[0].is_dir():
+        shutil.rmtree(partial, ignore_errors=True)
+        raise SystemExit(f"[install] {tarball}: expected one top folder (as `git archive --prefix NAME/` makes), "
+                         f"found {sorted(p.name for p in tops)}")
+    tops[0].rename(dest)
+    partial.rmdir()
+    (dest / SOURCE_RECORD).write_text(f"{tarball_commit(tarball)}\n{tarball}\n")
+
+
 def obtain(framework, dest, source, commit, dry_run):
-    """A checkout of ``framework`` at ``dest``: the one already there, a copy of ``source``, or a
-    clone of its URL at ``commit``."""
+    """A checkout of ``framework`` at ``dest``: the one already there, a copy of the checkout
+    ``source`` or the unpacked tarball ``source`` (checked against ``commit``, else the tested
+    commit), or a clone of its URL at ``commit``."""
     if dest.exists():
         say(f"{framework.name}: using the checkout already at {dest}")
         return
     if source:
         source = Path(source).expanduser().resolve()
+        if is_tarball(source):
+            check_source_commit(framework, source, tarball_commit(source), commit)
+            unpack(framework, source, dest, dry_run)
+            return
         if not source.is_dir():
-            raise SystemExit(f"--source {source}: not a directory")
+            raise SystemExit(f"[install] --source {source}: neither a directory (a checkout) nor a tarball "
+                             f"({', '.join(TARBALL_SUFFIXES)})")
+        if not (source / ".git").exists():
+            say(f"{framework.name}: {source} is not a git checkout: its commit cannot be checked")
+        elif not commit:  # with --commit, the copy is checked out at it below
+            check_source_commit(framework, source, git_commit(source), None)
         say(f"{framework.name}: copying {source} to {dest} (your checkout is left as it is)")
         if not dry_run:
             shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns("build", "*.so", "*.egg-info"))
@@ -205,9 +277,9 @@ def check(name, workdir, keep):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("framework", choices=sorted(FRAMEWORKS))
-    p.add_argument("--source", help="a local checkout of the framework (copied; not modified)")
+    p.add_argument("--source", help="a local checkout of the framework (copied; not modified) or a `git archive` tarball")
     p.add_argument("--commit", help="the framework's commit (default: the tested one)")
-    p.add_argument("--detectron2-source", help="a local checkout of detectron2 (copied; not modified)")
+    p.add_argument("--detectron2-source", help="a local checkout of detectron2 (copied; not modified) or a `git archive` tarball")
     p.add_argument("--detectron2-commit", help=f"default: {DETECTRON2.commit[:7]}")
     p.add_argument("--workdir", default="frameworks", help="where the checkouts are built and stay (editable installs)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs (MAX_JOBS)")

@@ -197,10 +197,18 @@ def adet_flavours():
     return out
 
 
+# An unpacked ``git archive`` tarball has no ``.git``: the installer records its commit here.
+SOURCE_RECORD = ".iuq-source"
+
+
 def git_commit(path):
-    """The commit of the git checkout holding ``path``, read from ``.git`` (no git needed); None
-    where it is not a checkout."""
+    """The commit of the git checkout holding ``path``, read from ``.git`` (no git needed), or of
+    the unpacked tarball holding it (its ``SOURCE_RECORD``); None where neither says."""
     for parent in [Path(path).resolve(), *Path(path).resolve().parents]:
+        record = parent / SOURCE_RECORD
+        if record.is_file():
+            commit = record.read_text().split("\n", 1)[0].strip()
+            return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
         git = parent / ".git"
         if git.is_file():  # a worktree: "gitdir: ..."
             git = (parent / git.read_text().split(":", 1)[1].strip()).resolve()

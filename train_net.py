@@ -27,8 +27,8 @@ except ImportError as e:
 from iuq.config import get_iuq_cfg, validate_iuq_config
 from iuq.data import (is_lvis_sample_dataset, is_panoptic_quickstart_dataset, is_quickstart_dataset, register_lvis_sample,
                       register_panoptic_quickstart, register_quickstart)
-from iuq.models import BaseModelUnavailable, base_model_config_errors, register_base_models, require_config_base_model
-from iuq.trainer import IUQTrainer
+from iuq.engine.models import BaseModelUnavailable, base_model_config_errors, register_base_models, require_config_base_model
+from iuq.engine.trainer import IUQTrainer
 
 # A ``KEY=VALUE`` override: an upper-case config key (``SEED``, ``MODEL.IUQ.ENABLED``), "=", its value.
 _KEY_EQUALS = re.compile(r"^([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)=(.*)$", re.S)

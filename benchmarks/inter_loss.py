@@ -23,8 +23,8 @@ import time
 def measure(q, m, d, variant, device, repeats, chunk):
     import torch
 
-    from iuq.losses import inter_scene_loss, naive_inter_scene_loss
-    from iuq.samples import PixelSamples
+    from iuq.inter.losses import inter_scene_loss, naive_inter_scene_loss
+    from iuq.inter.samples import PixelSamples
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)

@@ -137,10 +137,10 @@ def child(model, args):
     from detectron2.utils.events import EventStorage
 
     from iuq.config import get_iuq_cfg
-    from iuq.memory import PixelMemory
-    from iuq.models import register_base_models
-    from iuq.samples import PixelSamples
-    from iuq.trainer import IUQTrainer
+    from iuq.engine.models import register_base_models
+    from iuq.engine.trainer import IUQTrainer
+    from iuq.inter.memory import PixelMemory
+    from iuq.inter.samples import PixelSamples
 
     register_base_models()
     min_size, max_size = sizes(model, args)

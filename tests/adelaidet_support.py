@@ -91,7 +91,7 @@ def require_sparseinst():
 
 def small_cfg(model, *overrides):
     from iuq.config import get_iuq_cfg
-    from iuq.models import register_base_models
+    from iuq.engine.models import register_base_models
 
     register_base_models()
     cfg = get_iuq_cfg()
@@ -214,7 +214,7 @@ def assert_resume_restores_the_memory(args_for, run):
     ``args_for(out, *opts, resume=...)``: the test file's argument builder."""
     _train_net_importable()
     import train_net
-    from iuq.trainer import IUQTrainer
+    from iuq.engine.trainer import IUQTrainer
 
     saved = torch.load(run / "model_final.pth", map_location="cpu", weights_only=False)["iuq_memory"]
     trainer = IUQTrainer(train_net.setup(args_for(run, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()", resume=True)))

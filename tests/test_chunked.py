@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from autograd_support import saved_bytes
-from iuq.chunked import chunked_sum
+from iuq.equi.chunked import chunked_sum
 
 
 def per_query_dice(queries, features, targets):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.profiler import profile
 
-from iuq.crops import crops
+from iuq.equi.crops import crops
 
 BOXES = [
     (slice(0, 2),),  # the originals of a batch of 4

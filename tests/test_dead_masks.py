@@ -11,9 +11,9 @@ from adelaidet_support import require_adelaidet, small_cfg
 
 require_adelaidet()
 
-from iuq import trainer as trainer_module  # noqa: E402
+from iuq.engine import hooks as trainer_module  # noqa: E402
 from iuq.adapters.base import Captured  # noqa: E402
-from iuq.trainer import IUQTrainer  # noqa: E402
+from iuq.engine.trainer import IUQTrainer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +65,9 @@ def test_dead_masks_are_detected_and_logged_once(trainer, caplog, monkeypatch):
     trainer.dead_steps = 0
     # Directly on the logger: train_net's setup_logger("iuq") stops propagation to the root (and
     # so to caplog) once an earlier test in the session has run train_net.
-    monkeypatch.setattr(logging.getLogger("iuq.trainer"), "handlers", [caplog.handler])
-    monkeypatch.setattr(logging.getLogger("iuq.trainer"), "propagate", False)
-    with caplog.at_level(logging.WARNING, logger="iuq.trainer"):
+    monkeypatch.setattr(logging.getLogger("iuq.engine.hooks"), "handlers", [caplog.handler])
+    monkeypatch.setattr(logging.getLogger("iuq.engine.hooks"), "propagate", False)
+    with caplog.at_level(logging.WARNING, logger="iuq.engine.hooks"):
         for _ in range(2):
             trainer.watch_dead_masks(dead, 2)
         trainer.watch_dead_masks(alive, 2)  # a live step resets the count

@@ -14,7 +14,7 @@ from adelaidet_support import (COCO, CONFIGS, MODEL_SMALL, SMALL, check_trains_t
 require_adelaidet()
 
 import train_net  # noqa: E402
-from iuq.trainer import IUQTrainer  # noqa: E402
+from iuq.engine.trainer import IUQTrainer  # noqa: E402
 
 # Per model: its base mask loss and its classification loss.
 KEYS = {"CondInst": ("loss_mask", "loss_fcos_cls"), "SOLOv2": ("loss_ins", "loss_cate")}

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from iuq.equivariance import (
+from iuq.equi.transforms import (
     Crop,
     HFlip,
     Rotate,

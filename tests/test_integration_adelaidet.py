@@ -8,7 +8,7 @@ from adelaidet_support import require_adelaidet, small_cfg
 
 require_adelaidet()
 
-from iuq.trainer import IUQTrainer  # noqa: E402
+from iuq.engine.trainer import IUQTrainer  # noqa: E402
 
 # (query head, mask branch) parameters the two IUQ losses must reach.
 PROBES = {
@@ -85,7 +85,7 @@ def test_condinst_sample_decode_matches_its_dynamic_head():
     from detectron2.structures import Instances
 
     from iuq.adapters import build_adapter
-    from iuq.samples import grid_locations
+    from iuq.inter.samples import grid_locations
 
     cfg = small_cfg("CondInst")
     model = build_model(cfg).double()
@@ -147,7 +147,7 @@ def straightforward_equi_loss(adapter, cap, views, num_originals, weight):
     masked out of the model's own mask loss."""
     import torch.nn.functional as F
 
-    from iuq.equivariance import valid_cells
+    from iuq.equi.transforms import valid_cells
 
     emb = cap.embeddings
     g_emb = [torch.zeros_like(emb[0])] * num_originals
@@ -169,7 +169,7 @@ def straightforward_equi_loss(adapter, cap, views, num_originals, weight):
 def test_equivariance_loss_equals_the_straightforward_computation(name, tmp_path):
     """loss_equi decodes each view on its own region, in chunks differentiated at once; value and
     gradients (queries, embeddings) must be those of the plain whole-map computation."""
-    from iuq.views import add_views
+    from iuq.equi.views import add_views
 
     trainer = IUQTrainer(small_cfg(name, "OUTPUT_DIR", str(tmp_path), "MODEL.IUQ.EQUI.CROP_RANGE", "(0.5, 0.8)"))
     batch = next(trainer._trainer._data_loader_iter)

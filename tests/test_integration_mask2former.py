@@ -53,7 +53,7 @@ def forward(tmp_path_factory):
     """One batch's losses, each IUQ loss's gradients, and the model's own masks of that forward."""
     _require()
     import train_net
-    from iuq.trainer import IUQTrainer
+    from iuq.engine.trainer import IUQTrainer
 
     trainer = IUQTrainer(train_net.setup(args_for(tmp_path_factory.mktemp("m2f_forward"))))
     predictor, seen = trainer.model.sem_seg_head.predictor, {}
@@ -142,7 +142,7 @@ def test_mask_loss_is_mask2formers_on_every_cell(forward):
 def test_it_trains_as_mask2former_trains(forward, monkeypatch):
     from mask2former import COCOInstanceNewBaselineDatasetMapper
 
-    import iuq.trainer
+    import iuq.engine.trainer
 
     trainer = forward.trainer
     opt = trainer.optimizer
@@ -153,7 +153,7 @@ def test_it_trains_as_mask2former_trains(forward, monkeypatch):
     assert lrs == {(1e-5, 0.05), (1e-4, 0.05), (1e-4, 0.0)}, lrs
     embeddings = {id(m.weight) for m in trainer.model.modules() if isinstance(m, torch.nn.Embedding)}
     assert embeddings and all(g["weight_decay"] == 0.0 for g in opt.param_groups if id(g["params"][0]) in embeddings)
-    monkeypatch.setattr(iuq.trainer, "build_detection_train_loader", lambda cfg, mapper, dataset: mapper)
+    monkeypatch.setattr(iuq.engine.trainer, "build_detection_train_loader", lambda cfg, mapper, dataset: mapper)
     assert isinstance(trainer.build_train_loader(trainer.cfg).mapper, COCOInstanceNewBaselineDatasetMapper)
     # Full-model clipping: the step sees the whole model's gradient at norm CLIP_VALUE (0.01).
     opt.zero_grad()

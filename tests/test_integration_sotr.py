@@ -20,7 +20,7 @@ from adelaidet_support import (CONFIGS, MODEL_SMALL, REPO, SMALL, check_trains_t
 require_sotr()
 sys.path.insert(0, str(REPO))
 import train_net  # noqa: E402
-from iuq.trainer import IUQTrainer  # noqa: E402
+from iuq.engine.trainer import IUQTrainer  # noqa: E402
 
 # Score thresholds at 0 so that a barely trained model still emits masks. SOTR decodes a mask for
 # every (grid cell, class) pair above SCORE_THR before NMS_PRE applies: at 0 and its grids that is

@@ -51,7 +51,7 @@ def forward(tmp_path_factory):
     """One batch's losses, each IUQ loss's gradients, and the model's own masks of that forward."""
     _require()
     import train_net
-    from iuq.trainer import IUQTrainer
+    from iuq.engine.trainer import IUQTrainer
 
     trainer = IUQTrainer(train_net.setup(args_for(tmp_path_factory.mktemp("sparse_forward"))))
     decoder, seen = trainer.model.decoder, {}
@@ -106,13 +106,13 @@ def test_captured_queries_decode_to_the_models_own_masks(forward):
 def test_it_trains_as_sparseinst_trains(forward, monkeypatch):
     from sparseinst import SparseInstDatasetMapper
 
-    import iuq.trainer
+    import iuq.engine.trainer
 
     opt = forward.optimizer
     assert isinstance(opt, torch.optim.AdamW)
     decays = {g["weight_decay"] for g in opt.param_groups}
     assert decays == {0.0, 0.05}  # no decay on norms, SparseInst's 0.05 elsewhere
-    monkeypatch.setattr(iuq.trainer, "build_detection_train_loader", lambda cfg, mapper, dataset: mapper)
+    monkeypatch.setattr(iuq.engine.trainer, "build_detection_train_loader", lambda cfg, mapper, dataset: mapper)
     assert isinstance(forward.trainer.build_train_loader(forward.trainer.cfg), SparseInstDatasetMapper)
     assert forward.trainer.cfg.MODEL.DEVICE == "cpu"  # its config function's "cuda" does not win
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from autograd_support import saved_bytes
-from iuq.losses import (
+from iuq.inter.losses import (
     SampleDecode,
     inter_pointwise_loss,
     inter_pointwise_loss_and_grad,
     inter_scene_loss,
     naive_inter_scene_loss,
 )
-from iuq.samples import PixelSamples
+from iuq.inter.samples import PixelSamples
 
 
 def bank(emb, ids, loc=None):
@@ -143,7 +143,7 @@ def test_matches_naive_values_and_gradients(loss_name, decode_kind, chunk):
     torch.manual_seed(3)
     d, q_count = 6, 9
     if decode_kind == "dot":
-        from iuq.losses import dot_product_decode as decode
+        from iuq.inter.losses import dot_product_decode as decode
 
         queries = torch.randn(q_count, d, dtype=torch.float64)
         meta = None
@@ -187,7 +187,7 @@ def test_saved_memory_does_not_grow_with_queries_times_samples(decode_kind):
     torch.manual_seed(0)
     q_count, m, d = 300, 20000, 8
     if decode_kind == "dot":
-        from iuq.losses import dot_product_decode as decode
+        from iuq.inter.losses import dot_product_decode as decode
 
         queries, meta = torch.randn(q_count, d), None
     else:

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from iuq.losses import inter_scene_loss, naive_inter_scene_loss
-from iuq.memory import PixelMemory
-from iuq.samples import PixelSamples, sample_pixels
+from iuq.inter.losses import inter_scene_loss, naive_inter_scene_loss
+from iuq.inter.memory import PixelMemory
+from iuq.inter.samples import PixelSamples, sample_pixels
 
 
 def samples(emb, ids, classes=None, stuff=None, dtype=torch.float64):
@@ -155,7 +155,7 @@ def test_the_sampler_gives_each_sample_its_segments_class():
 
 
 def test_thing_or_stuff_comes_from_the_metadata():
-    from iuq.stuff import stuff_classes_of, stuff_flags
+    from iuq.inter.stuff import stuff_classes_of, stuff_flags
 
     # panoptic: things are contiguous ids 0 and 2 of 5 (dataset ids 11, 13), the rest stuff
     panoptic = {"thing_dataset_id_to_contiguous_id": {11: 0, 13: 2}, "stuff_dataset_id_to_contiguous_id": {12: 1, 14: 3, 15: 4}}

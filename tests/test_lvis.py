@@ -21,7 +21,7 @@ pytest.importorskip("lvis", reason="the LVIS API (pip install lvis==0.5.3, in re
 
 import train_net  # noqa: E402
 from iuq.data import register_lvis_sample  # noqa: E402
-from iuq.trainer import IUQTrainer  # noqa: E402
+from iuq.engine.trainer import IUQTrainer  # noqa: E402
 
 RECIPE = CONFIGS["SOLOv2"].parent / "R50_3x_lvis.yaml"
 TRAIN, VAL = "lvis_v1_sample_train", "lvis_v1_sample_val"
@@ -277,8 +277,8 @@ def test_an_image_seen_again_is_never_its_own_negative(untrained, sample):
     again while its samples are in the memory. Its queries must then have no negative from it:
     with nothing else to contrast with, loss_inter is exactly 0; the same pixels under another
     image's id are negatives."""
-    from iuq.memory import PixelMemory
-    from iuq.samples import PixelSamples
+    from iuq.inter.memory import PixelMemory
+    from iuq.inter.samples import PixelSamples
 
     trainer = untrained
     dicts = training_dicts(trainer.cfg)

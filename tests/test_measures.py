@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from iuq.measures import (
+from iuq.evaluation.measures import (
     assign_instances,
     false_activation,
     hard_dice,

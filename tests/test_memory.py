@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from iuq.memory import PixelMemory
-from iuq.samples import PixelSamples
+from iuq.inter.memory import PixelMemory
+from iuq.inter.samples import PixelSamples
 
 
 def make_samples(values, dim=3, image_id=None, dtype=torch.float32):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from iuq.samples import grid_locations, sample_pixels
+from iuq.inter.samples import grid_locations, sample_pixels
 
 
 def coded_map(b, h, w):

@@ -16,7 +16,7 @@ if adet_provides("sotr"):
 
 sys.path.insert(0, str(REPO))
 import train_net  # noqa: E402
-from iuq.models import BaseModelUnavailable, register_base_models  # noqa: E402
+from iuq.engine.models import BaseModelUnavailable, register_base_models  # noqa: E402
 
 # The package, and that it cannot share an environment with AdelaiDet.
 NAMED = (r"SOTR meta-architecture, provided by SOTR \(github\.com/easton-cau/SOTR; "

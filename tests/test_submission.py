@@ -16,7 +16,7 @@ from detectron2.data.datasets import register_coco_instances  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 
-from iuq.data import COCOSubmissionWriter, dataset_has_annotations, submission_split_name  # noqa: E402
+from iuq.evaluation import COCOSubmissionWriter, dataset_has_annotations, submission_split_name  # noqa: E402
 
 SHARED = "/work/shared/datasets"
 COCO_VAL_JSON = os.path.join(SHARED, "coco", "annotations", "instances_val2017.json")
@@ -129,7 +129,7 @@ def test_builtin_coco_val_has_annotations():
     """detectron2 registers its builtin datasets when detectron2.data is first imported, reading
     $DETECTRON2_DATASETS at that moment; a fresh interpreter makes sure the variable is seen."""
     env = dict(os.environ, DETECTRON2_DATASETS=SHARED)
-    code = "from iuq.data import dataset_has_annotations; print(dataset_has_annotations('coco_2017_val'))"
+    code = "from iuq.evaluation import dataset_has_annotations; print(dataset_has_annotations('coco_2017_val'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr

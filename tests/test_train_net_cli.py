@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO))
 
 import train_net  # noqa: E402
 from detectron2.engine import launch  # noqa: E402
-from iuq.trainer import IUQTrainer  # noqa: E402
+from iuq.engine.trainer import IUQTrainer  # noqa: E402
 
 # Score thresholds at 0: a randomly initialised model then still emits masks to evaluate.
 LOW_THRESHOLDS = {

@@ -13,8 +13,9 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed (not on Py
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks  # noqa: E402
 
 from iuq.config import get_iuq_cfg  # noqa: E402
-from iuq.trainer import check_dataset_masks, dataset_image_id, with_empty_masks  # noqa: E402
-from iuq.views import make_view  # noqa: E402
+from iuq.data.batch import dataset_image_id, with_empty_masks  # noqa: E402
+from iuq.data.loader import check_dataset_masks  # noqa: E402
+from iuq.equi.views import make_view  # noqa: E402
 
 
 def image(n, masks=True, size=(32, 48)):
@@ -49,7 +50,7 @@ def test_the_view_of_an_image_without_instances_is_a_view_like_any_other():
     view, g = make_view(d, 8, cfg, torch.zeros(3, 1, 1), rng)
     assert len(view["instances"]) == 0 and tuple(view["image"].shape[-2:]) == g.out_size
     # The first draw is kept: the same transform as a fresh draw from the same state.
-    from iuq.equivariance import sample_transform
+    from iuq.equi.transforms import sample_transform
 
     first = sample_transform((64, 96), 8, tuple(cfg.TRANSFORMS), tuple(cfg.CROP_RANGE),
                              tuple(cfg.ROTATION_RANGE), tuple(cfg.SCALE_RANGE), twin)

@@ -38,7 +38,7 @@ def main(argv=None):
     from tabulate import tabulate
 
     import train_net
-    from iuq.trainer import IUQTrainer
+    from iuq.engine.trainer import IUQTrainer
 
     d2_args = train_net.default_argument_parser().parse_args(
         ["--config-file", args.config_file] + list(args.opts) + ["MODEL.IUQ.ENABLED", "True"]

@@ -41,7 +41,7 @@ def parse_args(argv=None):
 def load_model(cfg, weights):
     from detectron2.checkpoint import DetectionCheckpointer
 
-    from iuq.trainer import IUQTrainer
+    from iuq.engine.trainer import IUQTrainer
 
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"--weights: {weights} does not exist")
@@ -98,9 +98,9 @@ def responses_figure(cfg, model, name, dicts, mapper, num_queries, path):
     import torch
 
     from iuq.adapters import build_adapter
-    from iuq.measures import assign_instances, pick_per_group, training_forward_with_frozen_statistics
-    from iuq.trainer import masks_on_grid
-    from iuq.views import instance_bitmasks
+    from iuq.data.batch import instance_bitmasks
+    from iuq.evaluation.measures import assign_instances, pick_per_group, training_forward_with_frozen_statistics
+    from iuq.inter.samples import masks_on_grid
 
     adapter = build_adapter(cfg, model)
     batch = [mapper(d) for d in dicts]
@@ -138,7 +138,7 @@ def main(argv=None):
     import train_net
     from detectron2.data import DatasetCatalog
 
-    from iuq.measures import heldout_mapper
+    from iuq.evaluation.measures import heldout_mapper
 
     cfg = train_net.setup(train_net.default_argument_parser().parse_args(
         ["--config-file", args.config_file] + list(args.opts)))

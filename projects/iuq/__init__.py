@@ -1,19 +1,35 @@
 """IUQ: Instance-Unique Querying (Wang, Liang, Liu, NeurIPS 2022) for detectron2 segmenters.
 
-The three ideas live in three places:
-- ``memory`` + ``samples`` + ``losses``: the external pixel memory and the inter-scene loss;
-- ``equivariance``: the transform group acting on images, masks, boxes and feature maps
-  (``chunked``: the sum of per-chunk loss terms that keeps the equivariance loss cheap);
-- ``adapters`` (with detectron2): how each base model's queries and embeddings are captured.
+The package is laid out by the paper's ideas:
+- ``inter/``: inter-scene uniqueness (Eq. 5): pixel samples, the memory, the loss, stuff targets;
+- ``equi/``: transformation equivariance (Eq. 6-8): the transform group, a batch's views, the
+  autograd helpers of its loss;
+- ``adapters/``: how each base model's queries, embeddings and mask loss are reached;
+around them ``engine/`` (``IUQTrainer``, hooks, solver, launch support), ``data/``, ``evaluation/``,
+``config`` (``MODEL.IUQ``), and tooling: ``study`` (the ablation study), ``frameworks`` and
+``collect_env`` (``python -m iuq.collect_env``).
+
+``import iuq`` needs no detectron2: the names that need it (``IUQTrainer``, the adapter registry,
+``get_iuq_cfg``'s frameworks) are resolved on first use.
 """
-from .config import add_iuq_config, validate_iuq_config
-from .equivariance import sample_transform
-from .losses import SampleDecode, dot_product_decode, inter_scene_loss
-from .memory import PixelMemory
-from .samples import PixelSamples, sample_pixels
+from .config import add_iuq_config, get_iuq_cfg, validate_iuq_config
+from .equi.transforms import sample_transform
+from .inter.losses import SampleDecode, dot_product_decode, inter_scene_loss
+from .inter.memory import PixelMemory
+from .inter.samples import PixelSamples, sample_pixels
+
+_LAZY = {  # name -> the module that defines it (imported on first use: these need detectron2 or fvcore)
+    "IUQTrainer": "engine.trainer",
+    "IUQ_ADAPTER_REGISTRY": "adapters.base",
+    "IUQAdapter": "adapters.base",
+    "Captured": "adapters.base",
+    "build_adapter": "adapters.base",
+    "register_base_models": "engine.models",
+}
 
 __all__ = [
     "add_iuq_config",
+    "get_iuq_cfg",
     "validate_iuq_config",
     "sample_transform",
     "SampleDecode",
@@ -22,4 +38,14 @@ __all__ = [
     "PixelMemory",
     "PixelSamples",
     "sample_pixels",
+    *_LAZY,
 ]
+
+
+def __getattr__(name):
+    # PEP 562: import detectron2 (and fvcore) only when one of these names is first used.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -67,7 +67,7 @@ def add_iuq_config(cfg):
     # iterations). IMS_PER_BATCH must then be divisible by 2 x the number of processes.
     cfg.MODEL.IUQ.EQUI.VIEWS_IN_BATCH = False
 
-    # Measures of what each loss optimises (iuq.measures), computed on the test set next to
+    # Measures of what each loss optimises (iuq.evaluation.measures), computed on the test set next to
     # COCO AP when enabled (any mode, the baseline included: needs the model's adapter).
     cfg.MODEL.IUQ.MEASURES = CN()
     cfg.MODEL.IUQ.MEASURES.ENABLED = False
@@ -157,6 +157,12 @@ def validate_iuq_config(cfg):
     for key in ("MEASURES.MAX_IMAGES", "MEASURES.PIXELS_PER_INSTANCE", "MEASURES.QUERIES_PER_INSTANCE"):
         _check_number(node, key, low=0, integer=True, strict=True)
     return cfg
+
+
+def iuq_on(cfg):
+    """Whether ``cfg`` trains with either IUQ loss (``MODEL.IUQ.ENABLED`` and INTER or EQUI)."""
+    iuq = cfg.MODEL.IUQ
+    return bool(iuq.ENABLED and (iuq.INTER.ENABLED or iuq.EQUI.ENABLED))
 
 
 def get_iuq_cfg():

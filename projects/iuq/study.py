@@ -46,7 +46,7 @@ for _name in ("augment", "equi", "both"):
                                  _opts + ["MODEL.IUQ.EQUI.VIEWS_IN_BATCH", "True"])
 
 # Columns of the table and of the figure, in order. COCO's segm metrics, then the IUQ measures
-# (``iuq.measures``); a column is shown when some row has it.
+# (``iuq.evaluation.measures``); a column is shown when some row has it.
 AP_METRICS = ["segm/AP", "segm/AP50", "segm/AP75", "segm/APs", "segm/APm", "segm/APl"]
 MEASURE_METRICS = ["iuq/cross_fa", "iuq/cross_fa_frac", "iuq/own_fa", "iuq/own_fa_frac",
                    "iuq/equi_rel_err", "iuq/equi_dice", "iuq/view_dice"]

@@ -42,8 +42,8 @@ def probe(overrides, clip, steps, seed=0):
 
     from iuq.config import get_iuq_cfg
     from iuq.data import register_quickstart
-    from iuq.models import register_base_models
-    from iuq.trainer import IUQTrainer
+    from iuq.engine.models import register_base_models
+    from iuq.engine.trainer import IUQTrainer
 
     register_base_models()
     register_quickstart(names=["iuq_quickstart_train"])

@@ -121,7 +121,7 @@ class IUQAdapter:
     def decode_samples(self, queries, query_meta, embeddings, locations):
         """Logits [Q, C] of the queries on arbitrary pixel samples: embeddings [C, D], their
         (x, y) locations [C, 2] in their own image's input pixels. Adapters may set it to a
-        :class:`~iuq.losses.SampleDecode`, whose query-side work the inter-scene loss then does
+        :class:`~iuq.inter.losses.SampleDecode`, whose query-side work the inter-scene loss then does
         once instead of once per chunk of samples."""
         raise NotImplementedError
 

@@ -15,7 +15,7 @@ import torch
 from adet.modeling.condinst.dynamic_mask_head import dice_coefficient, parse_dynamic_params
 from detectron2.structures import Instances
 
-from ..losses import SampleDecode
+from ..inter.losses import SampleDecode
 from .base import IUQ_ADAPTER_REGISTRY, IUQAdapter
 
 

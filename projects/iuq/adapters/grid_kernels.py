@@ -18,7 +18,7 @@ installs the adapter in both): see ``_empty_image_targets`` and ``_loss_without_
 """
 import torch
 
-from ..losses import dot_product_decode, dot_product_map
+from ..inter.losses import dot_product_decode, dot_product_map
 from .base import IUQAdapter
 
 

@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from mask2former.modeling.criterion import dice_loss, sigmoid_ce_loss
 
-from ..losses import dot_product_decode, dot_product_map
-from ..solver import build_grouped_optimizer
-from ..views import instance_bitmasks
+from ..inter.losses import dot_product_decode, dot_product_map
+from ..engine.solver import build_grouped_optimizer
+from ..data.batch import instance_bitmasks
 from .base import IUQ_ADAPTER_REGISTRY, IUQAdapter, record_matched
 
 # INPUT.DATASET_MAPPER_NAME -> Mask2Former's mapper class (as its train_net.py chooses them); the

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from sparseinst.loss import dice_loss
 from sparseinst.utils import nested_masks_from_list
 
-from ..losses import dot_product_decode, dot_product_map
-from ..solver import build_grouped_optimizer
+from ..inter.losses import dot_product_decode, dot_product_map
+from ..engine.solver import build_grouped_optimizer
 from .base import IUQ_ADAPTER_REGISTRY, IUQAdapter, record_matched
 
 

@@ -1,9 +1,11 @@
-"""Data for IUQ: a synthetic quickstart dataset (instance and panoptic), an LVIS v1 sample made from COCO-format data,
-and COCO test-dev submission files.
+"""Data for IUQ: a synthetic quickstart dataset (instance and panoptic), an LVIS v1 sample made from
+COCO-format data, and what IUQ reads of and checks in a training batch.
 
-``quickstart`` and ``lvis_sample`` need detectron2 only to make / register their datasets;
-``submission`` needs it to import, so its names are resolved lazily here and ``import iuq.data``
-works without detectron2.
+``quickstart`` and ``lvis_sample`` need detectron2 only to make / register their datasets, so
+``import iuq.data`` works without detectron2. ``batch`` (image ids, instance masks rasterised once
+per batch, empty mask fields) and ``loader`` (the dataset's masks checked before the first step,
+the images a step reads) need it and are imported by name (``iuq.data.batch``). COCO test-dev
+submission files: ``iuq.evaluation.submission``.
 """
 from .lvis_sample import (
     COCO_TO_LVIS,
@@ -31,8 +33,6 @@ from .quickstart import (
     render_quickstart_image,
 )
 
-_SUBMISSION_NAMES = ("COCOSubmissionWriter", "dataset_has_annotations", "submission_split_name")
-
 __all__ = [
     "COCO_TO_LVIS",
     "LVIS_SAMPLE_DATASETS",
@@ -53,14 +53,5 @@ __all__ = [
     "is_quickstart_dataset",
     "register_quickstart",
     "render_quickstart_image",
-    *_SUBMISSION_NAMES,
 ]
 
-
-def __getattr__(name):
-    # PEP 562: import detectron2 only when a submission name is first used.
-    if name in _SUBMISSION_NAMES:
-        from . import submission
-
-        return getattr(submission, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 # Bump when what is written changes, so cached copies are regenerated.
 GENERATOR_VERSION = 1
 
-# name -> split. The names contain "lvis" (iuq.evaluation routes them to LVISEvaluator) and
+# name -> split. The names contain "lvis" (iuq.evaluation.evaluators routes them to LVISEvaluator) and
 # "v1" (detectron2's load_lvis_json gives them LVIS v1's metadata: 1203 thing_classes).
 LVIS_SAMPLE_DATASETS = {"lvis_v1_sample_train": "train", "lvis_v1_sample_val": "val"}
 

@@ -8,7 +8,7 @@ from detectron2.structures import BitMasks
 
 
 def build_evaluator(cfg, dataset_name, output_folder=None):
-    from .data.submission import COCOSubmissionWriter, dataset_has_annotations
+    from .submission import COCOSubmissionWriter, dataset_has_annotations
 
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
     if MetadataCatalog.get(dataset_name).get("evaluator_type") == "coco_panoptic_seg":

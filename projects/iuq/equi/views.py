@@ -1,5 +1,5 @@
 """Equivariant views of a detectron2 training batch: for each image ``I``, a transformed copy
-``g(I)`` with its instances moved by the same ``g`` (the ``equivariance`` module's geometry).
+``g(I)`` with its instances moved by the same ``g`` (the transform group of ``transforms``).
 
 The views join the batch as images of their own, so the base model assigns its queries on them
 (the paper's ``sigma`` on the transformed view) and its losses treat them as augmented copies.
@@ -8,9 +8,10 @@ import random
 from dataclasses import dataclass
 
 import torch
-from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
+from detectron2.structures import BitMasks, Boxes, Instances
 
-from .equivariance import HFlip, TransformList, sample_transform
+from ..data.batch import instance_bitmasks
+from .transforms import HFlip, TransformList, sample_transform
 
 
 @dataclass
@@ -21,19 +22,9 @@ class View:
     g: TransformList
 
 
-def instance_bitmasks(instances, image_size):
-    """The instances' masks as a bool tensor [N, h, w], from polygons, bitmasks or a tensor
-    [N, h, w] (Mask2Former's mappers)."""
-    masks = instances.gt_masks
-    if isinstance(masks, PolygonMasks):
-        return BitMasks.from_polygon_masks(masks, *image_size).tensor
-    if isinstance(masks, torch.Tensor):
-        return masks.bool()
-    return masks.tensor.bool()
-
-
-def make_view(d, stride, equi_cfg, pixel_mean, rng=random, tries=10):
-    """A view dict of dataset dict ``d`` (as the model consumes it) and its transform.
+def make_view(d, stride, equi_cfg, pixel_mean, rng=random, tries=10, masks=None):
+    """A view dict of dataset dict ``d`` (as the model consumes it) and its transform. ``masks``:
+    ``d``'s instance masks [N, h, w] where the caller has them (``iuq.data.batch.batch_masks``).
 
     The view's instances are those whose mask survives ``g`` (boxes recomputed tight around the
     moved masks). If ``tries`` draws all lose every instance, the view is a plain flip, which
@@ -41,7 +32,8 @@ def make_view(d, stride, equi_cfg, pixel_mean, rng=random, tries=10):
     """
     image = d["image"]
     size = tuple(image.shape[-2:])
-    masks = instance_bitmasks(d["instances"], size)
+    if masks is None:
+        masks = instance_bitmasks(d["instances"], size)
     for _ in range(tries):
         g = sample_transform(
             size, stride, tuple(equi_cfg.TRANSFORMS), tuple(equi_cfg.CROP_RANGE),
@@ -69,11 +61,12 @@ def make_view(d, stride, equi_cfg, pixel_mean, rng=random, tries=10):
     return view, g
 
 
-def add_views(batch, stride, equi_cfg, pixel_mean, rng=random):
-    """``batch`` followed by one view of each of its images, and the list of :class:`View`."""
+def add_views(batch, stride, equi_cfg, pixel_mean, rng=random, masks=None):
+    """``batch`` followed by one view of each of its images, and the list of :class:`View`.
+    ``masks``: the images' instance masks (``batch_masks``), rasterised here without."""
     views, meta = [], []
     for i, d in enumerate(batch):
-        view, g = make_view(d, stride, equi_cfg, pixel_mean, rng)
+        view, g = make_view(d, stride, equi_cfg, pixel_mean, rng, masks=None if masks is None else masks[i])
         views.append(view)
         meta.append(View(i, g))
     return list(batch) + views, meta

@@ -1,7 +1,7 @@
 """Thing or stuff, per contiguous class id, from a dataset's metadata (panoptic segmentation).
 
 Stuff is instance-agnostic: a query matched to a stuff segment of class c has, on another image,
-that image's pixels of class c as positives (``iuq.losses``). Which classes are stuff is read from
+that image's pixels of class c as positives (``iuq.inter.losses``). Which classes are stuff is read from
 the metadata detectron2 registers with a dataset, never assumed (COCO's 80 things / 53 stuff are
 one case): a class is a thing if it is in ``thing_dataset_id_to_contiguous_id``'s values; in a
 dataset that also names stuff (``stuff_dataset_id_to_contiguous_id`` or ``stuff_classes``, as

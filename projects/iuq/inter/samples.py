@@ -9,6 +9,7 @@ wrongly match.
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -84,6 +85,14 @@ def grid_locations(height, width, stride, device="cpu"):
     xs = torch.arange(width, device=device, dtype=torch.float32) * stride + stride // 2
     y, x = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([x.reshape(-1), y.reshape(-1)], dim=1)
+
+
+def masks_on_grid(masks, grid_size, stride):
+    """Instance masks [N, h, w] at input resolution -> [N, H, W] on a stride-``stride`` grid,
+    read at each cell's centre pixel (the cell's location in ``grid_locations``)."""
+    hh, ww = grid_size
+    padded = F.pad(masks, (0, ww * stride - masks.shape[-1], 0, hh * stride - masks.shape[-2]))
+    return padded[:, stride // 2 :: stride, stride // 2 :: stride]
 
 
 def _random_members(member, k, generator=None):

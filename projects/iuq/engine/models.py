@@ -10,8 +10,8 @@ import logging
 import re
 from contextlib import contextmanager
 
-from .adapters.base import BUILTIN_ADAPTERS
-from .frameworks import framework_for, install_command
+from ..adapters.base import BUILTIN_ADAPTERS
+from ..frameworks import framework_for, install_command
 
 logger = logging.getLogger(__name__)
 

@@ -5,72 +5,34 @@ captured, the base losses as the model defines them, ``loss_inter`` against the 
 ``loss_equi`` against the transformed embeddings, backward, memory update, step.
 Nothing of IUQ lives in the model: its weights are the stock model's.
 """
-import hashlib
-import logging
-import numbers
 import random
-import resource
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
-from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase
-from detectron2.engine import defaults as d2_defaults
-from detectron2.structures import BitMasks, Instances
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.engine import AMPTrainer, DefaultTrainer
 from detectron2.utils import comm
-from detectron2.utils.events import get_event_storage
 
-from .adapters import adapter_class, adapter_class_or_none, build_adapter
-from .chunked import chunked_sum
-from .config import validate_iuq_config
-from .crops import crops
-from .equivariance import valid_cells
-from .losses import inter_scene_loss
-from .memory import PixelMemory
+from ..adapters import adapter_class, adapter_class_or_none, build_adapter
+from ..config import iuq_on, validate_iuq_config
+from ..data.batch import batch_masks, dataset_image_id, with_empty_masks
+from ..data.loader import check_dataset_masks, loader_config
+from ..equi.chunked import chunked_sum
+from ..equi.crops import crops
+from ..equi.transforms import valid_cells
+from ..equi.views import add_views
+from ..inter.losses import inter_scene_loss
+from ..inter.memory import PixelMemory
+from ..inter.samples import masks_on_grid, sample_pixels
+from ..inter.stuff import stuff_classes_of, stuff_flags
+from .hooks import PeakMemory, count_dead_steps, own_mask_probability
+from .launch import cpu_ddp_support
 from .models import check_num_classes
-from .samples import sample_pixels
-from .stuff import stuff_classes_of, stuff_flags
-from .views import add_views, instance_bitmasks
-
-logger = logging.getLogger(__name__)
 
 # Queries of a view decoded at once by the equivariance loss: bounds its transient memory (CondInst:
 # ~10 maps of the view's size per query) while keeping the per-chunk overhead small.
 EQUI_QUERY_CHUNK = 32
-
-# Dead-mask monitor: a step is "dead" when none of (up to) DEAD_MASK_QUERIES matched queries of the
-# batch's originals has a mean sigmoid above DEAD_MASK_P on its own instance; DEAD_MASK_STEPS dead
-# steps in a row log a warning (the mask losses have almost no gradient left there: SOLOv2's masks
-# never came back in our runs; one CondInst quickstart run's did, after ~140 steps), and a warning
-# that they are back if they return.
-DEAD_MASK_P = 1e-3
-DEAD_MASK_STEPS = 20
-DEAD_MASK_QUERIES = 8
-
-
-def dataset_image_id(d):
-    """The dataset-level image id as an int64: integer ids as they are; any other id (a file name,
-    a UUID) by a 64-bit hash of its text (BLAKE2b), so that at 10^6 images two images share an id
-    with probability ~3e-8 (a 32-bit hash makes that near certain at COCO's 10^5): two images
-    sharing an id would stop being each other's negatives."""
-    if "image_id" not in d:
-        raise ValueError(
-            f"IUQ needs an 'image_id' in every dataset dict (to keep a query's own image out of "
-            f"its negatives); {d.get('file_name', 'an image')} has none"
-        )
-    image_id = d["image_id"]
-    if isinstance(image_id, numbers.Integral):
-        return int(image_id)
-    digest = hashlib.blake2b(str(image_id).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
-
-
-def iuq_on(cfg):
-    """Whether ``cfg`` trains with either IUQ loss (``MODEL.IUQ.ENABLED`` and INTER or EQUI)."""
-    iuq = cfg.MODEL.IUQ
-    return bool(iuq.ENABLED and (iuq.INTER.ENABLED or iuq.EQUI.ENABLED))
 
 
 class IUQTrainer(DefaultTrainer):
@@ -132,7 +94,7 @@ class IUQTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        from .evaluation import build_evaluator
+        from ..evaluation import build_evaluator
 
         return build_evaluator(cfg, dataset_name, output_folder)
 
@@ -143,7 +105,7 @@ class IUQTrainer(DefaultTrainer):
         if evaluators is None and cfg.MODEL.IUQ.MEASURES.ENABLED:
             from detectron2.evaluation import DatasetEvaluators
 
-            from .measures import IUQMeasures
+            from ..evaluation.measures import IUQMeasures
 
             evaluators = [DatasetEvaluators([cls.build_evaluator(cfg, name), IUQMeasures(cfg, model, name)])
                           for name in cfg.DATASETS.TEST]
@@ -181,8 +143,10 @@ class IUQTrainer(DefaultTrainer):
         inter = self.iuq_on and self.iuq_cfg.INTER.ENABLED
         num_originals, samples = len(batch), None
         batch = with_empty_masks(batch, require=self.iuq_on)
+        masks = batch_masks(batch) if views_on or inter else None  # the originals', rasterised once
         if views_on:  # originals, then one transformed view of each
-            batch, views = add_views(batch, self.adapter.stride, self.iuq_cfg.EQUI, self.pixel_mean, self.view_rng)
+            batch, views = add_views(batch, self.adapter.stride, self.iuq_cfg.EQUI, self.pixel_mean, self.view_rng,
+                                     masks=masks)
 
         with self.adapter.capture() if inter or equi else nullcontext() as captured:
             loss_dict = self.model(batch)  # the base model's own losses (originals and views)
@@ -192,7 +156,7 @@ class IUQTrainer(DefaultTrainer):
         ramp = self.iuq_weight_factor()  # MODEL.IUQ.WARMUP_ITERS; 1 without
         if inter:
             image_ids = torch.tensor([dataset_image_id(d) for d in batch], device=self.memory.device)
-            loss_dict["loss_inter"], samples = self.inter_loss(captured, originals, batch, image_ids)
+            loss_dict["loss_inter"], samples = self.inter_loss(captured, originals, batch, image_ids, masks)
             loss_dict["loss_inter"] = loss_dict["loss_inter"] * ramp
         if equi:
             loss_dict["loss_equi"] = self.equi_loss(captured, views, num_originals, regions) * ramp
@@ -203,51 +167,15 @@ class IUQTrainer(DefaultTrainer):
         n = self.iuq_cfg.WARMUP_ITERS
         return 1.0 if n <= 0 else min(1.0, (getattr(self, "iter", 0) + 1) / n)
 
-    @torch.no_grad()
     def own_mask_probability(self, cap, num_originals):
-        """For up to DEAD_MASK_QUERIES matched queries of the originals (evenly spaced), the mean
-        sigmoid of the query's mask on its own instance [q]; None if there is none."""
-        mine = (cap.query_images < num_originals).nonzero(as_tuple=True)[0]
-        if len(mine) == 0:
-            return None
-        keep = mine[torch.linspace(0, len(mine) - 1, min(len(mine), DEAD_MASK_QUERIES)).long()]
-        queries, images, meta, targets = cap.select_queries(keep)
-        logits = self.adapter.decode_map(queries.detach(), meta, images, cap.embeddings.detach())
-        hm, wm = min(logits.shape[-2], targets.shape[-2]), min(logits.shape[-1], targets.shape[-1])
-        inside = targets[:, :hm, :wm] > 0.5
-        p = logits[:, :hm, :wm].float().sigmoid() * inside
-        return p.flatten(1).sum(1) / inside.flatten(1).sum(1).clamp(min=1)
+        """The dead-mask monitor's reading (``hooks.own_mask_probability``) with this adapter."""
+        return own_mask_probability(self.adapter, cap, num_originals)
 
     def watch_dead_masks(self, cap, num_originals):
-        """Log ``iuq/own_mask_p`` (mean over queries) and warn once when every matched query's mask
-        has been off (mean sigmoid < DEAD_MASK_P on its own instance) for DEAD_MASK_STEPS steps."""
+        """Log ``iuq/own_mask_p`` and warn when the masks die or come back (``hooks.count_dead_steps``)."""
         p = self.own_mask_probability(cap, num_originals)
-        if p is None:
-            return
-        try:
-            get_event_storage().put_scalar("iuq/own_mask_p", float(p.mean()))
-        except AssertionError:  # outside train(): no event storage
-            pass
-        dead = float(p.max()) < DEAD_MASK_P
-        if not dead and self.dead_steps >= DEAD_MASK_STEPS:
-            logger.warning(f"IUQ: the masks are alive again after {self.dead_steps} dead steps")
-        self.dead_steps = self.dead_steps + 1 if dead else 0
-        if self.dead_steps == DEAD_MASK_STEPS:
-            logger.warning(
-                f"IUQ: every mask has been off for {DEAD_MASK_STEPS} steps (no matched query has a "
-                f"mean sigmoid >= {DEAD_MASK_P} on its own instance): the masks are dead, and the mask "
-                "losses have almost no gradient left to revive them. Seen with SOLOv2, whose ReLU mask "
-                "features give all its kernels' logits a common part that IUQ's losses push down at "
-                "once while the logits are large, and whose masks came back once in our runs (from a "
-                "trained trunk, after ~160 steps); a CondInst quickstart run's after ~140 steps "
-                "(docs/study.md, 'SOLOv2's dead masks'). Watch iuq/own_mask_p; if it stays at 0, train "
-                "again (from scratch, or MODEL.WEIGHTS of a checkpoint saved before they died: not "
-                "--resume, which would skip the ramps) with IUQ's weights ramped in "
-                "(MODEL.IUQ.WARMUP_ITERS, e.g. 1000) over the learning rate's warm-up "
-                "(SOLVER.WARMUP_ITERS the same, SOLVER.WARMUP_FACTOR 0.01) to a learning rate scaled "
-                "to the batch, as the SOLOv2 and SOTR recipes do: that kept the masks alive on every "
-                "seed of our runs, from random initialisation and from a trained trunk."
-            )
+        if p is not None:
+            self.dead_steps = count_dead_steps(p, self.dead_steps)
 
     def _autocast(self):
         if not isinstance(self._trainer, AMPTrainer):
@@ -270,17 +198,17 @@ class IUQTrainer(DefaultTrainer):
         originals, *regions = crops(cap.embeddings, boxes)
         return originals, list(zip(regions[::2], regions[1::2]))
 
-    def inter_loss(self, cap, originals, batch, image_ids):
+    def inter_loss(self, cap, originals, batch, image_ids, masks=None):
         """Eq. 5's inter-scene term: every query against pixels of other images (this batch's
-        ``originals`` [n, D, H, W] and the memory). Returns the weighted loss and this batch's
-        samples."""
+        ``originals`` [n, D, H, W] and the memory). ``masks``: the originals' instance masks at
+        input size (``batch_masks``; rasterised here without). Returns the weighted loss and this
+        batch's samples."""
         cfg = self.iuq_cfg
         emb, num_originals = originals, len(originals)
-        grid, classes = [], []
-        for d in batch[:num_originals]:
-            masks = instance_bitmasks(d["instances"], tuple(d["image"].shape[-2:]))
-            grid.append(masks_on_grid(masks, emb.shape[-2:], cap.stride).to(emb.device))
-            classes.append(d["instances"].gt_classes)
+        if masks is None:
+            masks = batch_masks(batch[:num_originals])
+        grid = [masks_on_grid(m, emb.shape[-2:], cap.stride).to(emb.device) for m in masks[:num_originals]]
+        classes = [d["instances"].gt_classes for d in batch[:num_originals]]
         samples = sample_pixels(
             emb, grid, image_ids[:num_originals], cap.stride, cfg.MEMORY.SAMPLING,
             cfg.MEMORY.PIXELS_PER_INSTANCE, cfg.MEMORY.PIXELS_PER_IMAGE,
@@ -337,114 +265,3 @@ class IUQTrainer(DefaultTrainer):
             total = total + chunked_sum(dice_sum, len(chunks), queries, moved)
         return total / len(queries) * weight
 
-
-def loader_config(cfg):
-    """``cfg`` with the images the loader reads per step: SOLVER.IMS_PER_BATCH, or half of it when
-    the views count toward it (``MODEL.IUQ.EQUI.VIEWS_IN_BATCH``: a step then holds the loaded
-    images and their views, IMS_PER_BATCH in all)."""
-    iuq = cfg.MODEL.IUQ
-    if not (iuq.ENABLED and iuq.EQUI.ENABLED and iuq.EQUI.VIEWS_IN_BATCH):
-        return cfg
-    total, world = cfg.SOLVER.IMS_PER_BATCH, comm.get_world_size()
-    if total % (2 * world):
-        raise ValueError(
-            f"MODEL.IUQ.EQUI.VIEWS_IN_BATCH True needs SOLVER.IMS_PER_BATCH ({total}) divisible by 2 x "
-            f"the number of processes ({world}): each process reads half its share and adds a view of each"
-        )
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.SOLVER.IMS_PER_BATCH = total // 2
-    cfg.freeze()
-    return cfg
-
-
-class PeakMemory(HookBase):
-    """Logs ``peak_mem_mb`` every 20 iterations: on CUDA the peak of allocated tensor memory
-    (``torch.cuda.max_memory_allocated``), on CPU the process's peak resident set (which also
-    counts the data, the code and the allocator's cache). Per process; the main one's is logged."""
-
-    def after_step(self):
-        if (self.trainer.iter + 1) % 20 and self.trainer.iter + 1 != self.trainer.max_iter:
-            return
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            peak = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        self.trainer.storage.put_scalar("peak_mem_mb", peak, smoothing_hint=False)
-
-
-@contextmanager
-def cpu_ddp_support(cfg):
-    """Let DefaultTrainer wrap a CPU model in DDP (Gloo): detectron2 always passes
-    ``device_ids=[local_rank]``, which DDP rejects for CPU modules. Scoped to the constructor."""
-    if torch.device(cfg.MODEL.DEVICE).type != "cpu":
-        yield
-        return
-    create = d2_defaults.create_ddp_model
-    d2_defaults.create_ddp_model = lambda model, **kw: create(model, **{"device_ids": None, **kw})
-    try:
-        yield
-    finally:
-        d2_defaults.create_ddp_model = create
-
-
-def check_dataset_masks(dataset_dicts, names):
-    """Fail before training, naming the dataset and an image, if an instance annotation (not a crowd
-    region, which the mapper drops) carries no ``segmentation``: IUQ needs every instance's mask.
-    Images without annotations are fine (``DATALOADER.FILTER_EMPTY_ANNOTATIONS False`` keeps them).
-    ``names``: the DATASETS.TRAIN the dicts were read from."""
-    missing, total, first = 0, 0, None
-    for d in dataset_dicts:
-        for a in d.get("annotations", ()):
-            if a.get("iscrowd", 0):
-                continue
-            total += 1
-            if not a.get("segmentation"):
-                missing += 1
-                first = first or d
-    if not missing:
-        return
-    name = next((n for n in names if any(d.get("file_name") == first.get("file_name") for d in DatasetCatalog.get(n))),
-                " / ".join(names)) if len(names) > 1 else names[0]
-    raise ValueError(
-        f"MODEL.IUQ needs instance masks, but {missing} of the {total} instance annotations of dataset "
-        f"{name!r} (DATASETS.TRAIN) have no segmentation, e.g. in image {first.get('image_id', '?')} "
-        f"({first.get('file_name', 'no file name')}): train on a dataset with segmentation annotations"
-    )
-
-
-def with_empty_masks(batch, require=True):
-    """``batch`` with an empty ``gt_masks`` (bitmasks [0, H, W]) on each image without instances.
-
-    detectron2 gives an image with no annotation, or only crowd regions, no mask field at all; the
-    base models then fail on it (CondInst reads ``gt_bitmasks`` of every image) and IUQ cannot tell
-    it from an image whose dataset has no masks. With the empty field it is an image with nothing
-    in it everywhere: no queries, no pixel samples, a view like any other. With ``require``, an
-    image that *has* instances but no masks is an error naming it (``check_dataset_masks`` names
-    the dataset before training; this catches a dataset with masks on some annotations only).
-    """
-    out = []
-    for d in batch:
-        instances = d["instances"]
-        if not instances.has("gt_masks"):
-            if len(instances):
-                if require:
-                    raise ValueError(
-                        f"MODEL.IUQ needs instance masks, but image {d.get('image_id', '?')} "
-                        f"({d.get('file_name', 'no file name')}) has {len(instances)} instances "
-                        "without masks: train on a dataset with segmentation annotations (DATASETS.TRAIN)"
-                    )
-            else:
-                instances = Instances(instances.image_size, **instances.get_fields())
-                instances.gt_masks = BitMasks(torch.zeros(0, *instances.image_size, dtype=torch.bool))
-                d = {**d, "instances": instances}
-        out.append(d)
-    return out
-
-
-def masks_on_grid(masks, grid_size, stride):
-    """Instance masks [N, h, w] at input resolution -> [N, H, W] on a stride-``stride`` grid,
-    read at each cell's centre pixel (the cell's location in ``grid_locations``)."""
-    hh, ww = grid_size
-    padded = F.pad(masks, (0, ww * stride - masks.shape[-1], 0, hh * stride - masks.shape[-2]))
-    return padded[:, stride // 2 :: stride, stride // 2 :: stride]

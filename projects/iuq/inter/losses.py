@@ -286,7 +286,7 @@ def inter_scene_loss(
     Args:
         queries: [Q, P] query vectors (CondInst: flattened dynamic-head parameters).
         query_image_ids: [Q] int64 dataset-level id of each query's image.
-        banks: iterable of :class:`~iuq.samples.PixelSamples` (the mini-batch's samples, which
+        banks: iterable of :class:`~iuq.inter.samples.PixelSamples` (the mini-batch's samples, which
             may carry gradient, and the memory's, which do not). Same-image samples are skipped.
         decode: a :class:`SampleDecode` (its ``prepare`` runs once, its ``apply`` per chunk), or
             a plain ``decode(queries [q, P], query_meta, embeddings [C, D], locations [C, 2])``

@@ -85,7 +85,7 @@ def pick_per_group(groups, k, generator=None):
 def sample_instance_pixels(instance_masks, k, generator=None):
     """Up to ``k`` random cells of each instance mask [N, H, W] (bool): (instance index [M],
     flat cell index [M]), the memory's instance-balanced draw (``samples._random_members``)."""
-    from .samples import _random_members
+    from ..inter.samples import _random_members
 
     return _random_members(instance_masks.flatten(1), k, generator)
 
@@ -152,7 +152,7 @@ class IUQMeasures(DatasetEvaluator):
     BATCH = 4
 
     def __init__(self, cfg, model, dataset_name):
-        from .adapters import build_adapter
+        from ..adapters import build_adapter
 
         self.cfg, self.dataset_name = cfg, dataset_name
         self.model = model.module if hasattr(model, "module") else model
@@ -180,7 +180,8 @@ class IUQMeasures(DatasetEvaluator):
     def evaluate(self):
         from detectron2.utils import comm
 
-        from .views import add_views
+        from ..data.batch import batch_masks
+        from ..equi.views import add_views
 
         m_cfg = self.cfg.MODEL.IUQ.MEASURES
         gen = torch.Generator().manual_seed(m_cfg.SEED)
@@ -193,11 +194,12 @@ class IUQMeasures(DatasetEvaluator):
                 if not batch:
                     continue
                 n = len(batch)
-                full, views = add_views(batch, adapter.stride, self.cfg.MODEL.IUQ.EQUI, self.pixel_mean, rng)
+                masks = batch_masks(batch)  # rasterised once: for the views and the samples
+                full, views = add_views(batch, adapter.stride, self.cfg.MODEL.IUQ.EQUI, self.pixel_mean, rng, masks=masks)
                 with adapter.capture() as cap:
                     self.model(full)
                 self._measure_batch(cap, full, views, n, image_offset, gen, acc,
-                                    (queries, metas, q_image, samples_e, samples_loc, s_image))
+                                    (queries, metas, q_image, samples_e, samples_loc, s_image), masks)
                 image_offset += n
         self._cross_scene(queries, metas, q_image, samples_e, samples_loc, s_image, acc)
         if not comm.is_main_process():
@@ -208,11 +210,9 @@ class IUQMeasures(DatasetEvaluator):
         logger.info(f"IUQ measures on {self.dataset_name}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return {"iuq": result}
 
-    def _measure_batch(self, cap, batch, views, n, image_offset, gen, acc, store):
-        from .equivariance import valid_cells
-        from .samples import grid_locations
-        from .trainer import masks_on_grid
-        from .views import instance_bitmasks
+    def _measure_batch(self, cap, batch, views, n, image_offset, gen, acc, store, masks):
+        from ..equi.transforms import valid_cells
+        from ..inter.samples import grid_locations, masks_on_grid
 
         queries, metas, q_image, samples_e, samples_loc, s_image = store
         adapter, k_q = self.adapter, self.cfg.MODEL.IUQ.MEASURES.QUERIES_PER_INSTANCE
@@ -221,8 +221,7 @@ class IUQMeasures(DatasetEvaluator):
         locations = grid_locations(grid_h, grid_w, cap.stride, emb.device)
         mask_grid = cap.gt_masks.shape[-2:]
         for i in range(n):
-            d = batch[i]
-            inst = instance_bitmasks(d["instances"], tuple(d["image"].shape[-2:]))
+            inst = masks[i]
             on_masks = masks_on_grid(inst, mask_grid, cap.mask_stride).to(emb.device)
             on_emb = masks_on_grid(inst, (grid_h, grid_w), cap.stride).to(emb.device)
             mine = (cap.query_images == i).nonzero(as_tuple=True)[0]

@@ -1,0 +1,28 @@
+"""Inter-scene uniqueness (Eq. 5): a query must fire on no pixel of another image.
+
+- ``samples``: the pixel samples a batch gives (instance-balanced, per image, dense) and the grid
+  its instance masks are read on;
+- ``memory``: ``PixelMemory``, the FIFO queue of past batches' samples (all-gathered, checkpointed);
+- ``losses``: ``inter_scene_loss`` against the batch's and the memory's samples, fused and chunked,
+  with its hand-written autograd (``SampleDecode``, ``dot_product_decode``);
+- ``stuff``: panoptic data's stuff targets (a stuff query's positives in other images).
+
+Framework-independent: torch only, no detectron2.
+"""
+from .losses import SampleDecode, dot_product_decode, inter_scene_loss
+from .memory import PixelMemory
+from .samples import PixelSamples, grid_locations, masks_on_grid, sample_pixels
+from .stuff import stuff_classes_of, stuff_flags
+
+__all__ = [
+    "SampleDecode",
+    "dot_product_decode",
+    "inter_scene_loss",
+    "PixelMemory",
+    "PixelSamples",
+    "grid_locations",
+    "masks_on_grid",
+    "sample_pixels",
+    "stuff_classes_of",
+    "stuff_flags",
+]

@@ -5,6 +5,7 @@ checkouts left untouched, and the report on fake environments. Runs everywhere (
 The installer end to end, into a fresh virtual environment from local checkouts, is
 ``test_install_frameworks_end_to_end`` (slow; runs where IUQ_FRAMEWORK_CHECKOUTS is set)."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,80 @@ def test_a_local_checkout_is_copied_and_left_untouched(tmp_path, monkeypatch):
     (cmd, kw), = calls
     assert cmd[-4:] == ["install", "--no-build-isolation", "-e", "."] and kw["cwd"] == work / "adelaidet"
     assert kw["env"] == {"FORCE_CUDA": "0", "MAX_JOBS": "2"}
+
+
+def git_archive(tree, name, tarball):
+    """``tree`` committed to a new repository and exported as ``git archive --prefix NAME/``, as
+    the pinned sources in ../shared/frameworks are made; returns the commit."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tree)]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "x"]):
+        subprocess.run(git + cmd, check=True)
+    commit = subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    subprocess.run(git + ["archive", "--format", "tar.gz", "--prefix", f"{name}/", "-o", str(tarball), "HEAD"], check=True)
+    return commit
+
+
+@pytest.fixture
+def adelaidet_tarball(tmp_path):
+    if shutil.which("git") is None:
+        pytest.skip("git is needed to make a `git archive` tarball")
+    tarball = tmp_path / "AdelaiDet-test.tar.gz"
+    commit = git_archive(fake_adet(tmp_path / "src", "condinst"), "AdelaiDet", tarball)
+    return tarball, commit
+
+
+def installs_from(tarball, work, commit_flag, monkeypatch):
+    monkeypatch.setattr(install_frameworks, "installed", lambda fw: None)
+    monkeypatch.setattr(install_frameworks, "run", lambda cmd, **kw: None)
+    monkeypatch.setattr(install_frameworks, "install_requires", lambda fw, dry_run: False)
+    monkeypatch.setattr(install_frameworks, "ensure_build_tools", lambda dry_run: None)
+    return install_frameworks.install_one(FRAMEWORKS["adelaidet"], work, str(tarball), commit_flag, 2, False)
+
+
+def test_a_tarball_at_the_asked_commit_is_unpacked_fixed_and_its_commit_recorded(adelaidet_tarball, tmp_path,
+                                                                                monkeypatch):
+    tarball, commit = adelaidet_tarball
+    assert install_frameworks.tarball_commit(tarball) == commit  # what `git get-tar-commit-id` reads
+    assert installs_from(tarball, tmp_path, commit, monkeypatch)
+    dest = tmp_path / "adelaidet"
+    assert (dest / "adet" / "layers" / "csrc" / "op" / "op.cu").read_text() == KERNEL_FIXED  # top folder stripped
+    assert frameworks.git_commit(dest / "adet") == commit  # no .git: read from the record
+    assert not (tmp_path / "adelaidet.partial").exists()
+
+
+def test_a_tarball_at_another_commit_is_refused_with_both_commits(adelaidet_tarball, tmp_path, monkeypatch):
+    tarball, commit = adelaidet_tarball  # not AdelaiDet's tested commit
+    tested = FRAMEWORKS["adelaidet"].commit
+    with pytest.raises(SystemExit, match=rf"holds adelaidet at {commit[:7]}, but the tests run against {tested[:7]}"
+                                         rf".*--commit {commit}"):
+        installs_from(tarball, tmp_path, None, monkeypatch)
+    with pytest.raises(SystemExit, match=rf"at {commit[:7]}, but you asked for 0123456"):
+        installs_from(tarball, tmp_path, "0123456", monkeypatch)
+    assert not (tmp_path / "adelaidet").exists()  # nothing installed
+
+
+def test_a_tarball_without_a_commit_is_refused_unless_vouched_for(tmp_path, monkeypatch):
+    import tarfile
+
+    source = fake_adet(tmp_path / "AdelaiDet", "condinst")
+    tarball = tmp_path / "plain.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(source, arcname="AdelaiDet")
+    assert install_frameworks.tarball_commit(tarball) is None
+    with pytest.raises(SystemExit, match=r"cannot tell which commit of adelaidet.*--commit COMMIT"):
+        installs_from(tarball, tmp_path / "w1", None, monkeypatch)
+    (tmp_path / "w2").mkdir()
+    assert installs_from(tarball, tmp_path / "w2", FRAMEWORKS["adelaidet"].commit, monkeypatch)
+    assert (tmp_path / "w2" / "adelaidet" / "setup.py").is_file()
+
+
+def test_a_checkout_at_another_commit_is_refused(tmp_path, monkeypatch):
+    if shutil.which("git") is None:
+        pytest.skip("git is needed")
+    source = fake_adet(tmp_path / "src", "condinst")
+    commit = git_archive(source, "AdelaiDet", tmp_path / "unused.tar.gz")
+    with pytest.raises(SystemExit, match=rf"{source} holds adelaidet at {commit[:7]}"):
+        installs_from(source, tmp_path, None, monkeypatch)
 
 
 def test_undeclared_imports_are_installed_where_missing(monkeypatch):

@@ -12,6 +12,7 @@ around them ``engine/`` (``IUQTrainer``, hooks, solver, launch support), ``data/
 ``import iuq`` needs no detectron2: the names that need it (``IUQTrainer``, the adapter registry,
 ``get_iuq_cfg``'s frameworks) are resolved on first use.
 """
+from ._lazy import lazy_getattr
 from .config import add_iuq_config, get_iuq_cfg, validate_iuq_config
 from .equi.transforms import sample_transform
 from .inter.losses import SampleDecode, dot_product_decode, inter_scene_loss
@@ -42,10 +43,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
-    # PEP 562: import detectron2 (and fvcore) only when one of these names is first used.
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -8,6 +8,8 @@
 Its names resolve lazily (PEP 562), so that ``import iuq.engine.solver`` (an adapter's) does not
 import the trainer.
 """
+from .._lazy import lazy_getattr
+
 _NAMES = {
     "IUQTrainer": "trainer",
     "PeakMemory": "hooks",
@@ -19,9 +21,4 @@ _NAMES = {
 __all__ = list(_NAMES)
 
 
-def __getattr__(name):
-    if name in _NAMES:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _NAMES)

@@ -8,6 +8,8 @@ test-dev submission file) and the IUQ measures of what each loss optimises.
 
 Its names resolve lazily (PEP 562): ``import iuq.evaluation`` needs no detectron2.
 """
+from .._lazy import lazy_getattr
+
 _NAMES = {
     "build_evaluator": "evaluators",
     "BoxesFromMasks": "evaluators",
@@ -20,9 +22,4 @@ _NAMES = {
 __all__ = list(_NAMES)
 
 
-def __getattr__(name):
-    if name in _NAMES:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _NAMES)

@@ -12,16 +12,21 @@ from contextlib import nullcontext
 import torch
 from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import AMPTrainer, DefaultTrainer
+from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 
 from ..adapters import adapter_class, adapter_class_or_none, build_adapter
+from ..adapters.base import one_query_per_instance
 from ..config import iuq_on, validate_iuq_config
 from ..data.batch import batch_masks, dataset_image_id, with_empty_masks
 from ..data.loader import check_dataset_masks, loader_config
+from ..data.mapper import NamedRecordErrors, named_dataset_errors
 from ..equi.chunked import chunked_sum
 from ..equi.crops import crops
 from ..equi.transforms import valid_cells
 from ..equi.views import add_views
+from ..evaluation.evaluators import build_evaluator
+from ..evaluation.measures import IUQMeasures
 from ..inter.losses import inter_scene_loss
 from ..inter.memory import PixelMemory
 from ..inter.samples import masks_on_grid, sample_pixels
@@ -75,13 +80,17 @@ class IUQTrainer(DefaultTrainer):
         mapper = adapter and adapter.train_mapper(cfg)
         if mapper is None:
             mapper = DatasetMapper(**{**DatasetMapper.from_config(cfg, is_train=True), "use_instance_mask": True})
+        # Whichever mapper: an image it fails on is named (file, image id, what to do), or skipped
+        # with a warning under DATALOADER.SKIP_BAD_IMAGES.
+        mapper = NamedRecordErrors(mapper, skip=cfg.DATALOADER.SKIP_BAD_IMAGES)
         # The dicts as detectron2's loader would read them, read here once so that their masks are
         # checked before the first step.
-        dataset = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
-            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
-        )
+        with named_dataset_errors(cfg.DATASETS.TRAIN):
+            dataset = get_detection_dataset_dicts(
+                cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+                min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+                proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+            )
         if iuq_on(cfg):
             check_dataset_masks(dataset, cfg.DATASETS.TRAIN)
         check_num_classes(cfg, dataset, cfg.DATASETS.TRAIN)
@@ -94,8 +103,6 @@ class IUQTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        from ..evaluation import build_evaluator
-
         return build_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
@@ -103,10 +110,6 @@ class IUQTrainer(DefaultTrainer):
         """detectron2's test, with the IUQ measures next to each dataset's evaluator when
         ``MODEL.IUQ.MEASURES.ENABLED`` (they need the model, which ``build_evaluator`` is not given)."""
         if evaluators is None and cfg.MODEL.IUQ.MEASURES.ENABLED:
-            from detectron2.evaluation import DatasetEvaluators
-
-            from ..evaluation.measures import IUQMeasures
-
             evaluators = [DatasetEvaluators([cls.build_evaluator(cfg, name), IUQMeasures(cfg, model, name)])
                           for name in cfg.DATASETS.TEST]
         return super().test(cfg, model, evaluators)
@@ -214,16 +217,34 @@ class IUQTrainer(DefaultTrainer):
             cfg.MEMORY.PIXELS_PER_INSTANCE, cfg.MEMORY.PIXELS_PER_IMAGE,
             instance_classes=classes, instance_stuff=[stuff_classes_of(c, self.stuff) >= 0 for c in classes],
         )
-        query_stuff = None if cap.query_classes is None else stuff_classes_of(cap.query_classes, self.stuff)
+        queries, query_images, query_meta, query_classes = self.inter_queries(cap, num_originals)
+        query_stuff = None if query_classes is None else stuff_classes_of(query_classes, self.stuff)
+        # INTER.DETACH_NEGATIVES: the batch's samples as constants (Algorithm 1), the loss's value
+        # unchanged; INTER.ALPHA_WEIGHTS: which side ALPHA weighs (the loss's alpha is fvcore's).
+        negatives = samples.detach() if cfg.INTER.DETACH_NEGATIVES else samples
+        alpha = cfg.INTER.ALPHA if cfg.INTER.ALPHA_WEIGHTS == "positives" else 1.0 - cfg.INTER.ALPHA
         loss = inter_scene_loss(
-            cap.queries, image_ids[cap.query_images], [samples, self.memory.samples()],
-            decode=self.adapter.decode_samples, query_meta=cap.query_meta,
-            loss=cfg.INTER.LOSS, alpha=cfg.INTER.ALPHA, gamma=cfg.INTER.GAMMA,
+            queries, image_ids[query_images], [negatives, self.memory.samples()],
+            decode=self.adapter.decode_samples, query_meta=query_meta,
+            loss=cfg.INTER.LOSS, alpha=alpha, gamma=cfg.INTER.GAMMA,
             chunk_size=cfg.INTER.CHUNK_SIZE, query_stuff_classes=query_stuff,
         )
         if not loss.requires_grad:  # no query in the batch (no instances): a zero still on the graph
             loss = cap.embeddings.sum().float() * 0.0
         return loss * cfg.INTER.WEIGHT, samples
+
+    def inter_queries(self, cap, num_originals):
+        """(queries, query_images, query_meta, query_classes) of the queries ``loss_inter`` takes
+        (``MODEL.IUQ.INTER.QUERIES``): "all", every captured query (views' included); or
+        "matched_originals", one per ground-truth instance of the original images
+        (``one_query_per_instance`` on the adapter's ``query_instances``, the highest
+        ``query_quality`` kept)."""
+        if self.iuq_cfg.INTER.QUERIES == "all":
+            return cap.queries, cap.query_images, cap.query_meta, cap.query_classes
+        keep = one_query_per_instance(self.adapter.query_instances(cap), cap.query_images < num_originals,
+                                      cap.query_quality)
+        classes = None if cap.query_classes is None else cap.query_classes[keep]
+        return cap.queries[keep], cap.query_images[keep], {k: v[keep] for k, v in cap.query_meta.items()}, classes
 
     def equi_loss(self, cap, views, num_originals, regions):
         """Eq. 8: the view's queries on g(F) of the original must give the view's ground truth

@@ -4,14 +4,16 @@
     python train_net.py --config-file configs/IUQ/CondInst/MS_R_50_1x.yaml --num-gpus 8
     python train_net.py --config-file configs/quickstart.yaml MODEL.DEVICE cpu
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS model_final.pth
-Overrides may be given as ``KEY VALUE`` pairs or as ``KEY=VALUE``.
+    python train_net.py --dataset mine=data/train.json:data/images --check-data --config-file ... \
+        DATASETS.TRAIN "('mine',)"
+Overrides may be given as ``KEY VALUE`` pairs or as ``KEY=VALUE``; flags come before them.
 """
 import re
 import sys
 
 try:
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.engine import default_argument_parser, default_setup, launch
+    from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: F401 (scripts, tests)
     from detectron2.utils import comm
     from detectron2.utils.logger import setup_logger
 except ImportError as e:
@@ -25,9 +27,11 @@ except ImportError as e:
     )
 
 from iuq.config import get_iuq_cfg, validate_iuq_config
-from iuq.data import (is_lvis_sample_dataset, is_panoptic_quickstart_dataset, is_quickstart_dataset, register_lvis_sample,
-                      register_panoptic_quickstart, register_quickstart)
+from iuq.data.custom import DatasetSpecError, register_datasets
+from iuq.data import (is_lvis_sample_dataset, is_panoptic_quickstart_dataset, is_quickstart_dataset, is_textures_dataset,
+                      register_lvis_sample, register_panoptic_quickstart, register_quickstart, register_textures)
 from iuq.engine.models import BaseModelUnavailable, base_model_config_errors, register_base_models, require_config_base_model
+from iuq.engine.cli import argument_parser, parse_args
 from iuq.engine.trainer import IUQTrainer
 
 # A ``KEY=VALUE`` override: an upper-case config key (``SEED``, ``MODEL.IUQ.ENABLED``), "=", its value.
@@ -46,7 +50,10 @@ def split_overrides(opts):
 
 def load_config(args):
     """The config of ``args`` (file, then overrides), its base model registered and its
-    ``MODEL.IUQ`` validated. Raises :class:`BaseModelUnavailable` naming the package to install."""
+    ``MODEL.IUQ`` validated, the ``--dataset`` datasets registered first (in every process: each
+    runs this). Raises :class:`BaseModelUnavailable` naming the package to install,
+    :class:`DatasetSpecError` naming a ``--dataset`` that cannot be registered."""
+    register_datasets(getattr(args, "dataset", None))
     require_config_base_model(args.config_file)  # e.g. a Mask2Former YAML where it is missing: say so
     cfg = get_iuq_cfg()
     with base_model_config_errors(cfg):  # e.g. a SOTR YAML where SOTR is not installed: say so
@@ -65,7 +72,7 @@ def setup(args):
     # The datasets the project makes itself, drawn / written on first use: the quickstart (instance
     # and panoptic, under $IUQ_QUICKSTART_ROOT or ./datasets) and the LVIS sample (from
     # $DETECTRON2_DATASETS/coco, under $IUQ_LVIS_SAMPLE_ROOT or ./datasets).
-    for is_ours, register in ((is_quickstart_dataset, register_quickstart),
+    for is_ours, register in ((is_quickstart_dataset, register_quickstart), (is_textures_dataset, register_textures),
                               (is_panoptic_quickstart_dataset, register_panoptic_quickstart),
                               (is_lvis_sample_dataset, register_lvis_sample)):
         names = [n for n in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST if is_ours(n)]
@@ -86,10 +93,15 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = parse_args(argument_parser())  # a flag among the overrides: one line saying where it goes
     try:  # before launching workers: a missing framework is one message, not a traceback per process
-        load_config(args)
-    except BaseModelUnavailable as e:
+        cfg = load_config(args)
+    except (BaseModelUnavailable, DatasetSpecError) as e:
         sys.exit(str(e))
+    if args.check_data:  # once, before any worker: every image read, every annotation checked
+        from iuq.data.check import run_check
+
+        if run_check(cfg):
+            sys.exit("train_net.py --check-data: the datasets have errors (above); not training")
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

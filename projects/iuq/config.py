@@ -175,6 +175,9 @@ def get_iuq_cfg():
     cfg = get_cfg()
     add_base_model_configs(cfg)
     add_iuq_config(cfg)
+    # An image the training mapper fails on: False stops training naming the file and image id;
+    # True skips it with a warning naming them (iuq.data.mapper). Off: nothing is lost silently.
+    cfg.DATALOADER.SKIP_BAD_IMAGES = False
     return cfg
 
 

@@ -5,6 +5,12 @@ from detectron2.data import DatasetCatalog
 from detectron2.utils import comm
 
 
+def lacks_mask(annotation):
+    """Whether an instance annotation (not a crowd region, which the mapper drops) has no
+    ``segmentation``: IUQ needs every instance's mask."""
+    return not annotation.get("iscrowd", 0) and not annotation.get("segmentation")
+
+
 def check_dataset_masks(dataset_dicts, names):
     """Fail before training, naming the dataset and an image, if an instance annotation (not a crowd
     region, which the mapper drops) carries no ``segmentation``: IUQ needs every instance's mask.
@@ -16,7 +22,7 @@ def check_dataset_masks(dataset_dicts, names):
             if a.get("iscrowd", 0):
                 continue
             total += 1
-            if not a.get("segmentation"):
+            if lacks_mask(a):
                 missing += 1
                 first = first or d
     if not missing:

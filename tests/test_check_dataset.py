@@ -215,6 +215,8 @@ def test_dataset_flag_values_and_their_errors(tmp_path, good_dataset):
         register_datasets([f"x={json_file}:{tmp_path / 'nope'}"])
     with pytest.raises(DatasetSpecError, match=r"'coco_2017_train' is already registered .*choose another name"):
         register_datasets([f"coco_2017_train={json_file}:{image_root}"])
+    with pytest.raises(DatasetSpecError, match=r"'iuq_quickstart_train_8' is already registered"):
+        register_datasets([f"iuq_quickstart_train_8={json_file}:{image_root}"])  # the project's, not yet registered
     # The same name from --dataset again (another train_net.main in this process) re-points it.
     assert register_datasets([f"iuq_test_flag={json_file}:{image_root}"] * 2) == ["iuq_test_flag"] * 2
     assert len(DatasetCatalog.get("iuq_test_flag")) == FIRST + 1

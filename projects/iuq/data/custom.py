@@ -26,11 +26,19 @@ def parse_dataset_spec(spec):
     return name, json_file, image_root
 
 
+def _made_by_the_project(name):
+    """Whether ``name`` is a dataset train_net registers itself when a config names it (the
+    quickstart, its panoptic twin, the LVIS sample), registered or not yet."""
+    from . import is_lvis_sample_dataset, is_panoptic_quickstart_dataset, is_quickstart_dataset
+
+    return any(f(name) for f in (is_quickstart_dataset, is_panoptic_quickstart_dataset, is_lvis_sample_dataset))
+
+
 def register_datasets(specs):
     """Register each ``NAME=JSON:IMAGE_ROOT`` of ``specs`` as a COCO instances dataset. Raises
     :class:`DatasetSpecError` naming the flag when the JSON or the image folder does not exist, or
-    NAME is already registered otherwise (a detectron2 builtin such as ``coco_2017_train``: choose
-    another name). Registering the same NAME again from ``--dataset`` (another call of
+    NAME is already registered otherwise or is one the project makes (a detectron2 builtin such as
+    ``coco_2017_train``, ``iuq_quickstart_train``: choose another name). Registering the same NAME again from ``--dataset`` (another call of
     ``train_net.main`` in this process) re-points it. Returns the names."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
@@ -42,7 +50,7 @@ def register_datasets(specs):
             raise DatasetSpecError(f"{FLAG} {spec!r}: the JSON {json_file!r} does not exist")
         if not os.path.isdir(image_root):
             raise DatasetSpecError(f"{FLAG} {spec!r}: the image folder {image_root!r} does not exist")
-        if name in DatasetCatalog:
+        if name in DatasetCatalog or _made_by_the_project(name):
             if name not in _REGISTERED:
                 raise DatasetSpecError(f"{FLAG} {spec!r}: the name {name!r} is already registered (a detectron2 "
                                        f"builtin or a dataset of the project): choose another name")

@@ -16,6 +16,7 @@ CONFIGS = {
     "SOTR": REPO / "configs/IUQ/SOTR/R50.yaml",
     "SparseInst": REPO / "configs/IUQ/SparseInst/R50_GIAM.yaml",
     "Mask2Former": REPO / "configs/IUQ/Mask2Former/R50.yaml",
+    "SOLQ": REPO / "configs/IUQ/SOLQ/R50.yaml",
 }
 
 # Small and quick on a CPU: short side 256, 2 images per step, small memory, random init.
@@ -39,6 +40,11 @@ MODEL_SMALL = {
     # CPU, its lr, and fewer transformer layers (its pixel decoder's 6 and decoder's 9 -> 2 and 3).
     "Mask2Former": ["INPUT.IMAGE_SIZE", "256", "SOLVER.AMP.ENABLED", "False", "SOLVER.BASE_LR", "0.0001",
                     "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "2", "MODEL.MASK_FORMER.DEC_LAYERS", "4"],
+    # SOLQ: short side 160 (its crop branch resizes to 400-600 first, then to this), fewer encoder /
+    # decoder layers (6 / 6 -> 1 / 2), 50 queries, a 4-image memory, its lr.
+    "SOLQ": ["INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MAX_SIZE_TRAIN", "200", "INPUT.MIN_SIZE_TEST", "160",
+             "INPUT.MAX_SIZE_TEST", "200", "MODEL.SOLQ.ENC_LAYERS", "1", "MODEL.SOLQ.DEC_LAYERS", "2",
+             "MODEL.SOLQ.NUM_QUERIES", "50", "MODEL.IUQ.MEMORY.SIZE", "4", "SOLVER.BASE_LR", "0.0002"],
 }
 
 
@@ -86,6 +92,13 @@ def require_sparseinst():
     pytest.importorskip("detectron2", reason="detectron2 is not installed (not on PyPI; see README)")
     pytest.importorskip("sparseinst", reason="SparseInst is not installed (python tools/install_frameworks.py "
                                               "sparseinst; README: Install)")
+    _require_coco()
+
+
+def require_solq():
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (not on PyPI; see README)")
+    pytest.importorskip("solq.models.solq", reason="SOLQ (package solq) is not importable (python "
+                        "tools/install_frameworks.py solq --source SOLQ-97f537c.tar.gz; docs/install.md, SOLQ)")
     _require_coco()
 
 

@@ -3,7 +3,7 @@
 
     python tools/install_frameworks.py adelaidet             # CondInst, SOLOv2
     python tools/install_frameworks.py sotr                  # in an environment of its own
-    python tools/install_frameworks.py mask2former | sparseinst
+    python tools/install_frameworks.py mask2former | sparseinst | solq
     python tools/install_frameworks.py adelaidet --source ~/src/AdelaiDet --detectron2-source ~/src/detectron2
     python tools/install_frameworks.py adelaidet --source AdelaiDet-3672122.tar.gz \
         --detectron2-source detectron2-02b5c4e.tar.gz          # offline: `git archive` tarballs
@@ -54,6 +54,10 @@ CHECKS = {
                       "SOLVER.AMP.ENABLED", "False"])],
     "sparseinst": [("SparseInst", "configs/IUQ/SparseInst/R50_GIAM.yaml",
                     ["MODEL.WEIGHTS", "", "DATASETS.TRAIN", "('iuq_quickstart_train',)", "MODEL.RESNETS.NORM", "BN"])],
+    "solq": [("SOLQ", "configs/IUQ/SOLQ/R50.yaml",
+              ["MODEL.WEIGHTS", "", "DATASETS.TRAIN", "('iuq_quickstart_train',)", "MODEL.SOLQ.NUM_CLASSES", "80",
+               "MODEL.SOLQ.CLASS_IDS", "contiguous", "MODEL.SOLQ.ENC_LAYERS", "1", "MODEL.SOLQ.DEC_LAYERS", "2",
+               "MODEL.SOLQ.NUM_QUERIES", "50", "MODEL.IUQ.MEMORY.SIZE", "4"])],
 }
 
 def say(message):
@@ -182,6 +186,8 @@ def put_on_path(framework, root, dry_run):
     empty ``MultiScaleDeformableAttention`` module (ours, under ``root/../iuq_shims``) lets
     ``import mask2former`` succeed, and its layer then runs its PyTorch path on the CPU."""
     entries = [str(root)]
+    if framework.name == "solq":
+        entries = [solq_on_path(root, dry_run)]
     if framework.name == "mask2former":
         if cuda_build():
             run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "."],
@@ -203,6 +209,29 @@ def put_on_path(framework, root, dry_run):
     say(f"{framework.name}: {pth} puts {', '.join(entries)} on the path")
     if not dry_run:
         pth.write_text("\n".join(entries) + "\n")
+
+
+def solq_on_path(root, dry_run):
+    """SOLQ's checkout is the package ``solq`` (``iuq.frameworks.fix_solq_package``): the path gets
+    a folder holding only a ``solq`` link to it (the checkout's parent holds the other frameworks'
+    checkouts, which must not become importable by their folder names). With CUDA, its op is
+    built too (``models/ops``; the stand-in hands CUDA tensors to it); without, the stand-in runs
+    SOLQ's PyTorch implementation. Returns the folder."""
+    folder = root.parent / "iuq_solq_path"
+    if cuda_build():
+        run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "."], cwd=root / "models/ops",
+            dry_run=dry_run)
+    else:
+        say("solq: no CUDA here, so its op is not built; its deformable attention runs SOLQ's PyTorch "
+            "implementation (the stand-in models/ops/functions/iuq_ms_deform_attn.py)")
+    say(f"solq: {folder / 'solq'} -> {root}")
+    if not dry_run:
+        folder.mkdir(exist_ok=True)
+        link = folder / "solq"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(root, target_is_directory=True)
+    return str(folder)
 
 
 def refuse_mixing(framework):

@@ -7,7 +7,8 @@ detectron2 or a framework: it must work on a machine that has neither.
 
 None of these frameworks is on a package registry. AdelaiDet and SOTR are both the package
 ``adet`` (SOTR is a fork that keeps only SOTR), so an environment holds one or the other;
-Mask2Former and SparseInst have no ``setup.py``: their checkout roots go on the path.
+Mask2Former and SparseInst have no ``setup.py``: their checkout roots go on the path. SOLQ has
+none either, and generic top-level names: its checkout is made the package ``solq``.
 """
 import importlib.util
 import re
@@ -52,6 +53,15 @@ FRAMEWORKS = {
         Framework("sparseinst", "https://github.com/hustvl/SparseInst", "a89901534dd8a2c0ca00ae885611500f2ed67060",
                   "sparseinst", ("SparseInst",), setup_py=False,
                   requires=(OPENCV, ("timm", "timm"), ("scipy", "scipy"))),
+        # SOLQ: no setup.py, and its package names (models, util, datasets) are generic: the installer
+        # makes its checkout the package `solq` (SOLQ_FIXES below) and puts a folder holding a
+        # `solq` link to it on the path (tools/install_frameworks.py, put_on_path).
+        Framework("solq", "https://github.com/megvii-research/SOLQ", "97f537ccc3284f7317c99fea1e05567df6663282",
+                  "solq", ("SOLQ",), marker="models/ops", setup_py=False,
+                  fixes=("solq_package", "solq_relative_imports", "solq_torchvision_version",
+                         "solq_no_imagenet_download", "solq_ops_stand_in", "solq_tensor_type"),
+                  requires=(OPENCV, ("scipy", "scipy"), ("matplotlib", "matplotlib"), ("PyWavelets", "pywt"),
+                            ("torch-dct", "torch_dct"))),
     )
 }
 
@@ -78,11 +88,12 @@ _DISPATCH_TYPE = re.compile(r"(AT_DISPATCH_[A-Z_]+\(\s*)([\w.>\-]+?)\.type\(\)")
 def fix_tensor_type(root):
     """``Tensor::type()`` is gone from current PyTorch: ``x.type().is_cuda()`` -> ``x.is_cuda()``,
     ``AT_DISPATCH_*(x.type(), ...)`` -> ``AT_DISPATCH_*(x.scalar_type(), ...)``."""
-    def transform(text):
-        text = text.replace(".type().is_cuda()", ".is_cuda()")
-        return _DISPATCH_TYPE.sub(r"\1\2.scalar_type()", text)
+    return [p for f in _csrc_files(root) for p in _edit(f, _tensor_type)]
 
-    return [p for f in _csrc_files(root) for p in _edit(f, transform)]
+
+def _tensor_type(text):
+    text = text.replace(".type().is_cuda()", ".is_cuda()")
+    return _DISPATCH_TYPE.sub(r"\1\2.scalar_type()", text)
 
 
 _THC = [
@@ -138,8 +149,146 @@ def fix_sotr_inplace_add(root):
     return _edit(Path(root) / "adet" / "modeling" / "sotr" / "sotr.py", lambda t: t.replace(old, new))
 
 
+# --- SOLQ (megvii-research/SOLQ at 97f537c) ---
+# Its checkout becomes the package `solq` (a folder on the path holds a `solq` link to it), so its
+# generic top-level names (models, util, datasets: the last collides with the `datasets` package of
+# PyPI) never enter sys.modules: `solq.models.solq`, `solq.util.misc`.
+
+def fix_solq_package(root):
+    """SOLQ's checkout root has no ``__init__.py``: write one, so that the root is the package
+    ``solq`` (its ``models`` and ``util`` then import as ``solq.models``, ``solq.util``)."""
+    init = Path(root) / "__init__.py"
+    if init.exists():
+        return []
+    init.write_text('"""SOLQ (github.com/megvii-research/SOLQ) as the package `solq`: written by iuq\'s '
+                    'tools/install_frameworks.py (iuq.frameworks.fix_solq_package)."""\n')
+    return [init]
+
+
+# SOLQ's models import their siblings as top-level packages (it runs from its root): made relative.
+_SOLQ_IMPORTS = [
+    (re.compile(r"^import util\.(\w+) as (\w+)$", re.M), r"from ..util import \1 as \2"),
+    (re.compile(r"^from util(\.|\s)", re.M), r"from ..util\1"),
+    (re.compile(r"^from models\.", re.M), r"from ."),
+]
+
+
+def fix_solq_relative_imports(root):
+    """``models/*.py`` import ``util.misc``, ``util.box_ops`` and ``models.ops.modules`` as
+    top-level packages (SOLQ runs from its root): make them relative to the package ``solq``
+    (``from ..util.misc import``, ``from .ops.modules import``), so that no top-level ``util`` or
+    ``models`` is imported (or shadowed by another package of that name)."""
+    def transform(text):
+        for pattern, replacement in _SOLQ_IMPORTS:
+            text = pattern.sub(replacement, text)
+        return text
+
+    return [p for f in sorted((Path(root) / "models").glob("*.py")) for p in _edit(f, transform)]
+
+
+_TORCHVISION_FLOAT = re.compile(r"float\(torchvision\.__version__\[:3\]\) < (\d+)\.(\d+)")
+
+
+def fix_solq_torchvision_version(root):
+    """``util/misc.py`` compares ``float(torchvision.__version__[:3])`` with 0.5 and 0.7: torchvision
+    0.20 reads as 0.2, and the import then fails on ops removed long ago. Compare (major, minor)."""
+    def transform(text):
+        return _TORCHVISION_FLOAT.sub(
+            r'tuple(int(v) for v in torchvision.__version__.split("+")[0].split(".")[:2]) < (\1, \2)', text)
+
+    return _edit(Path(root) / "util" / "misc.py", transform)
+
+
+def fix_solq_no_imagenet_download(root):
+    """Its ResNet backbone downloads ImageNet weights in its constructor (``pretrained=is_main_process()``):
+    build it without (``pretrained=False``); the weights come from ``MODEL.WEIGHTS``, as every
+    detectron2 model's do (and nothing is downloaded on an offline machine)."""
+    return _edit(Path(root) / "models" / "backbone.py",
+                 lambda t: t.replace("pretrained=is_main_process(),", "pretrained=False,"))
+
+
+SOLQ_OP_STAND_IN = "iuq_ms_deform_attn.py"
+_SOLQ_OP_IMPORT = "import MultiScaleDeformableAttention as MSDA"
+_SOLQ_OP_IMPORT_FIXED = "from . import iuq_ms_deform_attn as MSDA  # iuq: the compiled op on CUDA, else PyTorch"
+SOLQ_OP_STAND_IN_SOURCE = '''"""Stand-in written by iuq's tools/install_frameworks.py (iuq.frameworks.fix_solq_ops_stand_in).
+
+SOLQ's MSDeformAttnFunction always calls the compiled MultiScaleDeformableAttention op, whose CPU
+kernels only raise ("Not implemented on the CPU"), and the op builds only with CUDA. Here CUDA
+tensors go to the compiled op where one is built (SOLQ's, or Mask2Former's: both are Deformable
+DETR's, with the same functions), everything else runs SOLQ's own ms_deform_attn_core_pytorch,
+its backward by autograd through the same function.
+"""
+import torch
+
+try:
+    import MultiScaleDeformableAttention as _compiled
+
+    if not hasattr(_compiled, "ms_deform_attn_forward"):  # Mask2Former's empty CPU stand-in
+        _compiled = None
+except ImportError:
+    _compiled = None
+
+
+def _core(value, spatial_shapes, sampling_loc, attn_weight):
+    from .ms_deform_attn_func import ms_deform_attn_core_pytorch
+
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return ms_deform_attn_core_pytorch(value, shapes, sampling_loc, attn_weight)
+
+
+def ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_loc, attn_weight, im2col_step):
+    if value.is_cuda and _compiled is not None:
+        return _compiled.ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_loc,
+                                                attn_weight, im2col_step)
+    return _core(value, spatial_shapes, sampling_loc, attn_weight)
+
+
+def ms_deform_attn_backward(value, spatial_shapes, level_start_index, sampling_loc, attn_weight, grad_output,
+                            im2col_step):
+    if value.is_cuda and _compiled is not None:
+        return _compiled.ms_deform_attn_backward(value, spatial_shapes, level_start_index, sampling_loc,
+                                                 attn_weight, grad_output, im2col_step)
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (value, sampling_loc, attn_weight)]
+        out = _core(inputs[0], spatial_shapes, inputs[1], inputs[2])
+        return list(torch.autograd.grad(out, inputs, grad_output))
+'''
+
+
+def fix_solq_ops_stand_in(root):
+    """SOLQ's ``MSDeformAttn`` always calls the compiled op (no PyTorch fallback, unlike
+    Mask2Former's), whose CPU kernels only raise, and ``models/ops/setup.py`` refuses to build
+    without CUDA. Write ``models/ops/functions/iuq_ms_deform_attn.py`` (``SOLQ_OP_STAND_IN_SOURCE``:
+    CUDA tensors to the compiled op where one is built, the rest through SOLQ's own
+    ``ms_deform_attn_core_pytorch``, forward and backward) and import it in place of the op."""
+    functions = Path(root) / "models" / "ops" / "functions"
+    stand_in = functions / SOLQ_OP_STAND_IN
+    changed = []
+    if not stand_in.exists() or stand_in.read_text() != SOLQ_OP_STAND_IN_SOURCE:
+        stand_in.write_text(SOLQ_OP_STAND_IN_SOURCE)
+        changed.append(stand_in)
+    changed += _edit(functions / "ms_deform_attn_func.py",
+                     lambda t: t.replace(_SOLQ_OP_IMPORT + "\n", _SOLQ_OP_IMPORT_FIXED + "\n"))
+    return changed
+
+
+def fix_solq_tensor_type(root):
+    """The CUDA op's sources use ``Tensor::type()`` (``value.type().is_cuda()``,
+    ``AT_DISPATCH_FLOATING_TYPES(value.type(), ...)``), gone from current PyTorch: the same edit as
+    ``fix_tensor_type``, on ``models/ops/src``. (Only CUDA builds compile them.)"""
+    base = Path(root) / "models" / "ops" / "src"
+    files = sorted(p for p in base.rglob("*") if p.suffix in (".h", ".cpp", ".cu", ".cuh"))
+    return [p for f in files for p in _edit(f, _tensor_type)]
+
+
 FIXES = {
     "tensor_type": fix_tensor_type,
+    "solq_package": fix_solq_package,
+    "solq_relative_imports": fix_solq_relative_imports,
+    "solq_torchvision_version": fix_solq_torchvision_version,
+    "solq_no_imagenet_download": fix_solq_no_imagenet_download,
+    "solq_ops_stand_in": fix_solq_ops_stand_in,
+    "solq_tensor_type": fix_solq_tensor_type,
     "thc_removal": fix_thc_removal,
     "data_datasets_init": fix_data_datasets_init,
     "rapidfuzz_pin": fix_rapidfuzz_pin,

@@ -17,11 +17,12 @@ logger = logging.getLogger(__name__)
 
 # Config nodes a base model's package adds -> the meta-architecture whose package adds them.
 MODEL_CONFIG_NODES = {"CONDINST": "CondInst", "FCOS": "CondInst", "SOLOV2": "SOLOv2", "SOTR": "SOTR",
-                      "SPARSE_INST": "SparseInst", "MASK_FORMER": "MaskFormer"}
+                      "SPARSE_INST": "SparseInst", "MASK_FORMER": "MaskFormer", "SOLQ": "SOLQ"}
 # Meta-architecture -> the config key of its number of (thing) classes.
 NUM_CLASSES_KEYS = {"CondInst": "MODEL.FCOS.NUM_CLASSES", "SOLOv2": "MODEL.SOLOV2.NUM_CLASSES",
                     "SOTR": "MODEL.SOTR.NUM_CLASSES", "SparseInst": "MODEL.SPARSE_INST.DECODER.NUM_CLASSES",
-                    "MaskFormer": "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES"}
+                    "MaskFormer": "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
+                    "SOLQ": "MODEL.SOLQ.NUM_CLASSES"}
 _MISSING_KEY = re.compile(r"Non-existent (?:config )?key: (MODEL\.([A-Z0-9_]+)[A-Z0-9_.]*)")
 
 
@@ -31,11 +32,11 @@ class BaseModelUnavailable(ImportError):
 
 def register_base_models(cfg=None):
     """Import the installed ``adet`` (AdelaiDet: CondInst, SOLOv2; or SOTR), ``sparseinst`` and
-    ``mask2former``, which register their meta-architectures. With ``cfg``, raise :class:`BaseModelUnavailable`
+    ``mask2former``, which register their meta-architectures, and ours for SOLQ (``iuq.modeling.solq``). With ``cfg``, raise :class:`BaseModelUnavailable`
     naming the package if ``cfg.MODEL.META_ARCHITECTURE`` is one IUQ knows but detectron2's
     registry does not."""
     for module, what in (("adet.modeling", "`adet` (AdelaiDet or SOTR)"), ("sparseinst", "SparseInst"),
-                         ("mask2former", "Mask2Former")):
+                         ("mask2former", "Mask2Former"), ("iuq.modeling.solq", "SOLQ (package `solq`)")):
         try:
             importlib.import_module(module)  # registers its meta-architectures
         except ImportError as e:

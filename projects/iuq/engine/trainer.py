@@ -22,11 +22,13 @@ from ..data.batch import batch_masks, dataset_image_id, with_empty_masks
 from ..data.loader import check_dataset_masks, loader_config
 from ..data.mapper import NamedRecordErrors, named_dataset_errors
 from ..equi.chunked import chunked_sum
+from ..equi.replay import replay_equi_loss
 from ..equi.crops import crops
 from ..equi.transforms import valid_cells
 from ..equi.views import add_views
 from ..evaluation.evaluators import build_evaluator
 from ..evaluation.measures import IUQMeasures
+from ..inter.images import ImageMemory, image_inter_loss
 from ..inter.losses import inter_scene_loss
 from ..inter.memory import PixelMemory
 from ..inter.samples import masks_on_grid, sample_pixels
@@ -45,8 +47,8 @@ class IUQTrainer(DefaultTrainer):
         validate_iuq_config(cfg)
         iuq = cfg.MODEL.IUQ
         self.iuq_on = iuq_on(cfg)
-        if self.iuq_on:
-            adapter_class(cfg)  # fail before building anything if the model has no adapter
+        if self.iuq_on:  # fail before building anything if the model has no adapter or cannot take the config
+            adapter_class(cfg).check_config(cfg)
         with cpu_ddp_support(cfg):
             super().__init__(cfg)
         self.iuq_cfg = iuq
@@ -54,7 +56,10 @@ class IUQTrainer(DefaultTrainer):
         # through batches the model's own code fails on (images without instances), and the IUQ-off
         # twin must train on the same data. Without an open capture it records nothing.
         self.adapter = build_adapter(cfg, self.model) if self.iuq_on or adapter_class_or_none(cfg) else None
-        self.memory = PixelMemory(iuq.MEMORY.SIZE, dtype=getattr(torch, iuq.MEMORY.DTYPE), device=cfg.MODEL.DEVICE)
+        # Pixel samples, or whole images for adapters whose decode is a replay (SOLQ).
+        self.memory_kind = self.adapter.memory_kind if self.adapter is not None else "pixels"
+        memory = ImageMemory if self.memory_kind == "images" else PixelMemory
+        self.memory = memory(iuq.MEMORY.SIZE, dtype=getattr(torch, iuq.MEMORY.DTYPE), device=cfg.MODEL.DEVICE)
         # The memory is training state: saved with the optimizer in checkpoints, never in the model.
         self.checkpointer.add_checkpointable("iuq_memory", self.memory)
         self.pixel_mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1)
@@ -154,12 +159,16 @@ class IUQTrainer(DefaultTrainer):
         with self.adapter.capture() if inter or equi else nullcontext() as captured:
             loss_dict = self.model(batch)  # the base model's own losses (originals and views)
         if inter or equi:
-            originals, regions = self.read_embeddings(captured, views if equi else [], num_originals)
+            originals, regions = (None, None) if self.memory_kind == "images" else \
+                self.read_embeddings(captured, views if equi else [], num_originals)
             self.watch_dead_masks(captured, num_originals)
         ramp = self.iuq_weight_factor()  # MODEL.IUQ.WARMUP_ITERS; 1 without
         if inter:
             image_ids = torch.tensor([dataset_image_id(d) for d in batch], device=self.memory.device)
-            loss_dict["loss_inter"], samples = self.inter_loss(captured, originals, batch, image_ids, masks)
+            if self.memory_kind == "images":
+                loss_dict["loss_inter"], samples = self.replay_inter_loss(captured, image_ids, num_originals)
+            else:
+                loss_dict["loss_inter"], samples = self.inter_loss(captured, originals, batch, image_ids, masks)
             loss_dict["loss_inter"] = loss_dict["loss_inter"] * ramp
         if equi:
             loss_dict["loss_equi"] = self.equi_loss(captured, views, num_originals, regions) * ramp
@@ -171,7 +180,11 @@ class IUQTrainer(DefaultTrainer):
         return 1.0 if n <= 0 else min(1.0, (getattr(self, "iter", 0) + 1) / n)
 
     def own_mask_probability(self, cap, num_originals):
-        """The dead-mask monitor's reading (``hooks.own_mask_probability``) with this adapter."""
+        """The dead-mask monitor's reading (``hooks.own_mask_probability``) with this adapter (or
+        the adapter's own, where it has one: SOLQ's, none)."""
+        own = getattr(self.adapter, "own_mask_probability", None)
+        if own is not None:
+            return own(cap, num_originals)
         return own_mask_probability(self.adapter, cap, num_originals)
 
     def watch_dead_masks(self, cap, num_originals):
@@ -233,6 +246,20 @@ class IUQTrainer(DefaultTrainer):
             loss = cap.embeddings.sum().float() * 0.0
         return loss * cfg.INTER.WEIGHT, samples
 
+    def replay_inter_loss(self, cap, image_ids, num_originals):
+        """Eq. 5 for adapters whose decode is a replay (``memory_kind`` "images"): every query
+        replayed on the batch's other originals and on the memory's images (own image excluded),
+        against zero (``iuq.inter.images.image_inter_loss``). Returns the weighted loss and this
+        batch's scenes for the memory."""
+        cfg = self.iuq_cfg
+        scenes = self.adapter.batch_scenes(cap, image_ids, num_originals)
+        queries, query_images, query_meta, _ = self.inter_queries(cap, num_originals)
+        negatives = scenes.detach() if cfg.INTER.DETACH_NEGATIVES else scenes
+        alpha = cfg.INTER.ALPHA if cfg.INTER.ALPHA_WEIGHTS == "positives" else 1.0 - cfg.INTER.ALPHA
+        loss = image_inter_loss(self.adapter.replay_logits, queries, query_meta, image_ids[query_images],
+                                list(negatives) + self.memory.scenes(), cfg.INTER.LOSS, alpha, cfg.INTER.GAMMA)
+        return loss * cfg.INTER.WEIGHT, scenes
+
     def inter_queries(self, cap, num_originals):
         """(queries, query_images, query_meta, query_classes) of the queries ``loss_inter`` takes
         (``MODEL.IUQ.INTER.QUERIES``): "all", every captured query (views' included); or
@@ -259,6 +286,8 @@ class IUQTrainer(DefaultTrainer):
         ``tests/test_integration_adelaidet.py`` checks it against the whole-map computation.
         """
         weight = self.iuq_cfg.EQUI.WEIGHT
+        if self.memory_kind == "images":  # replayed queries on g of every encoder level (iuq.equi.replay)
+            return replay_equi_loss(self.adapter, cap, views, num_originals, self.iuq_cfg.EQUI.MODE) * weight
         if self.iuq_cfg.EQUI.MODE == "feature":  # g(F) and the view's F, on the view's valid cells
             diffs = [(own - v.g.apply_features(source)).pow(2).mean() for v, (source, own) in zip(views, regions)]
             return torch.stack(diffs).mean() * weight

@@ -9,6 +9,11 @@ SAMPLINGS = ("instance", "image", "dense")
 TRANSFORMS = ("flip", "crop", "rotation", "scale")
 EQUI_MODES = ("full", "feature", "augment")
 MEMORY_DTYPES = ("float32", "float16", "bfloat16")
+# The paper's open choices (issue 26): where its text and its Algorithm 1 (supplementary) differ
+# from, or leave open, what this project first did. Each is measured, not assumed (docs/study.md).
+ALPHA_WEIGHTS = ("positives", "negatives")
+INTER_QUERIES = ("all", "matched_originals")
+EQUI_DRAWS = ("per_image_compose", "per_batch_choice")
 
 
 def add_iuq_config(cfg):
@@ -37,6 +42,22 @@ def add_iuq_config(cfg):
     # nearer the caches (1.2 s vs 1.4 s at 1024, Q = 350, 100K samples) and costs the dot
     # product nothing (measured on CPU only; a GPU may want larger chunks).
     cfg.MODEL.IUQ.INTER.CHUNK_SIZE = 512
+    # The batch's own samples, used as negatives for the other images' queries: False lets the
+    # loss's gradient reach those images' embeddings through them; True detaches them, as
+    # Algorithm 1 of the supplementary does (``external_feats.clone().detach()``). Either way the
+    # memory's samples carry no gradient and the loss's value is the same.
+    cfg.MODEL.IUQ.INTER.DETACH_NEGATIVES = False
+    # Which side of the focal loss ALPHA weights. "positives": Lin et al.'s, fvcore's and mmdet's
+    # convention, alpha on target-1 terms, so against the all-zero target every negative weighs
+    # 1 - ALPHA (0.9); "negatives": ALPHA weighs the negatives (0.1, 9x weaker at ALPHA = 0.1).
+    # The paper gives alpha = 0.1 without saying which (a stuff query's positives take the other).
+    cfg.MODEL.IUQ.INTER.ALPHA_WEIGHTS = "positives"
+    # The queries that enter L_inter. "all": every query the base model's mask loss trains
+    # (CondInst: every sampled FCOS positive, ~8.5 per instance; the views' queries too when
+    # views are on); "matched_originals": the original images' queries only, one per ground-truth
+    # instance (CondInst: its positive with the highest FCOS centerness target; SOLOv2 / SOTR:
+    # its first positive grid cell; Mask2Former / SparseInst: the matched query, already one).
+    cfg.MODEL.IUQ.INTER.QUERIES = "all"
 
     # External memory of pixel samples from past batches (a FIFO queue).
     cfg.MODEL.IUQ.MEMORY = CN()
@@ -58,6 +79,12 @@ def add_iuq_config(cfg):
     # mean squared error between F^g and g(F) on the view's valid cells (the paper does not give
     # its exact form); augment: transformed images as plain augmentation, <q^g, F^g> (no L_equi).
     cfg.MODEL.IUQ.EQUI.MODE = "full"
+    # How a view's g is drawn from TRANSFORMS. "per_image_compose": per image, each listed
+    # transform in the order flip (p = 1/2), crop, rotation, scale; "per_batch_choice": one
+    # transform kind per batch, uniformly among TRANSFORMS, as Algorithm 1's
+    # ``RandomChoice([flip, crop])``; every image of the batch then gets that one transform (a
+    # flip; a crop with its own box, the images' sizes differ).
+    cfg.MODEL.IUQ.EQUI.DRAW = "per_image_compose"
     # Compute-matched views. False: every image of the batch gets a view and the step trains on
     # both, 2 x SOLVER.IMS_PER_BATCH images (about twice the baseline twin's time and activation
     # memory per iteration, the same distinct images per iteration). True: the views count toward
@@ -123,7 +150,8 @@ def validate_iuq_config(cfg):
     if "IUQ" not in cfg.MODEL:
         raise ValueError("Config has no MODEL.IUQ section: call iuq.add_iuq_config(cfg) first")
     node = cfg.MODEL.IUQ
-    for key in ("ENABLED", "INTER.ENABLED", "EQUI.ENABLED", "EQUI.VIEWS_IN_BATCH", "MEASURES.ENABLED"):
+    for key in ("ENABLED", "INTER.ENABLED", "INTER.DETACH_NEGATIVES", "EQUI.ENABLED", "EQUI.VIEWS_IN_BATCH",
+                "MEASURES.ENABLED"):
         if not isinstance(_get(node, key), bool):
             _fail(key, _get(node, key), "must be True or False")
 
@@ -132,6 +160,8 @@ def validate_iuq_config(cfg):
     _check_number(node, "INTER.GAMMA")
     _check_number(node, "INTER.WEIGHT")
     _check_number(node, "INTER.CHUNK_SIZE", low=0, integer=True, strict=True)
+    _check_choice(node, "INTER.ALPHA_WEIGHTS", ALPHA_WEIGHTS)
+    _check_choice(node, "INTER.QUERIES", INTER_QUERIES)
     _check_number(node, "WARMUP_ITERS", integer=True)
 
     _check_number(node, "MEMORY.SIZE", integer=True)
@@ -142,6 +172,7 @@ def validate_iuq_config(cfg):
 
     _check_number(node, "EQUI.WEIGHT")
     _check_choice(node, "EQUI.MODE", EQUI_MODES)
+    _check_choice(node, "EQUI.DRAW", EQUI_DRAWS)
     transforms = node.EQUI.TRANSFORMS
     if not isinstance(transforms, (tuple, list)):
         _fail("EQUI.TRANSFORMS", transforms, "must be a list of transform names")

@@ -47,6 +47,9 @@ class Captured:
                   target IUQ never reads (only the views' queries need one).
     query_classes: optional [Q] int64 contiguous class of each query's ground truth (adapters that
                   train panoptic models set it: a stuff query's inter-scene targets depend on it).
+    query_quality: optional [Q] float, how well each query sits on its instance by the base model's
+                  own assignment (CondInst: the FCOS centerness target); ``one_query_per_instance``
+                  keeps the highest of an instance's queries (``MODEL.IUQ.INTER.QUERIES``).
     embeddings:   [B, D, Hf, Wf] pixel-embedding map of the padded batch.
     stride:       input pixels per embedding cell; ``mask_stride`` likewise for the masks.
     """
@@ -57,6 +60,7 @@ class Captured:
     gt_masks: torch.Tensor = None
     gt_index: torch.Tensor = None
     query_classes: torch.Tensor = None
+    query_quality: torch.Tensor = None
     embeddings: torch.Tensor = None
     stride: int = None
     mask_stride: int = None
@@ -67,6 +71,25 @@ class Captured:
         meta = {k: v[keep] for k, v in self.query_meta.items()}
         targets = self.gt_masks[self.gt_index[keep]].to(self.queries.dtype)
         return self.queries[keep], self.query_images[keep], meta, targets
+
+
+def one_query_per_instance(instances, keep, quality=None):
+    """Indices [K] (ascending) of one query per instance among the queries where ``keep`` [Q] is
+    True: ``instances`` [Q] int64 names each query's ground-truth instance (equal = the same
+    instance); of an instance's queries the one with the highest ``quality`` [Q] is kept, ties and
+    ``quality=None`` going to the first in capture order. ``MODEL.IUQ.INTER.QUERIES =
+    matched_originals`` (``keep``: the original images' queries)."""
+    idx = keep.nonzero(as_tuple=True)[0]
+    if len(idx) == 0:
+        return idx
+    order = torch.arange(len(idx), device=idx.device)
+    if quality is not None:
+        order = torch.argsort(-quality[idx].float(), stable=True)
+    groups = instances[idx]
+    order = order[torch.argsort(groups[order], stable=True)]
+    first = torch.ones(len(order), dtype=torch.bool, device=idx.device)
+    first[1:] = groups[order][1:] != groups[order][:-1]
+    return idx[order[first]].sort().values
 
 
 def record_matched(cap, slots, indices, counts):
@@ -117,6 +140,13 @@ class IUQAdapter:
     def build_optimizer(cls, cfg, model):
         """The optimizer the base model trains with, or None for detectron2's default (SGD)."""
         return None
+
+    def query_instances(self, cap):
+        """[Q] int64: which ground-truth instance of the batch each captured query is matched to
+        (equal values, the same instance). Default ``cap.gt_index``: batch-global instance rows
+        (CondInst's ``gt_inds``, the set-prediction models' matched targets). Adapters whose
+        ``gt_masks`` hold one row per query, not per instance, override it."""
+        return cap.gt_index
 
     def decode_samples(self, queries, query_meta, embeddings, locations):
         """Logits [Q, C] of the queries on arbitrary pixel samples: embeddings [C, D], their

@@ -170,6 +170,9 @@ class CondInst(IUQAdapter):
                 cap.query_meta = {"locations": instances.locations, "fpn_levels": instances.fpn_levels}
                 cap.gt_masks = torch.cat([g.gt_bitmasks for g in self._gt_instances])
                 cap.gt_index = instances.gt_inds
+                # FCOS's centerness target (box quality "ctrness", the recipes'), where set:
+                # which of an instance's positives MODEL.IUQ.INTER.QUERIES = matched_originals keeps.
+                cap.query_quality = instances.gt_ctrs if instances.has("gt_ctrs") else None
             return self._with_coords(mask_feats, mask_feat_stride, instances)
 
         model._forward_mask_heads_train = wrapped_forward_mask_heads_train

@@ -108,6 +108,16 @@ class GridKernelAdapter(IUQAdapter):
         cap.gt_index = torch.arange(len(cap.gt_masks), device=cap.gt_masks.device)
         cap.embeddings, cap.stride, cap.mask_stride = ins_pred, self.stride, self.stride
 
+    def query_instances(self, cap):
+        """The model holds one mask per positive cell (``gt_index`` is ``arange``): an instance is
+        an image's distinct target mask (every level's cells of one instance share its mask at the
+        mask feature's stride; two instances with the same mask cannot be told apart anyway)."""
+        if len(cap.gt_index) == 0:
+            return cap.gt_index
+        masks = cap.gt_masks[cap.gt_index].flatten(1).to(torch.uint8)
+        distinct = torch.unique(masks, dim=0, return_inverse=True)[1]
+        return distinct * (int(cap.query_images.max()) + 1) + cap.query_images  # per image
+
     decode_samples = dot_product_decode  # a SampleDecode: the inter-scene loss runs it chunk by chunk
 
     def decode_map(self, queries, query_meta, query_images, embeddings):

@@ -274,15 +274,16 @@ def sample_transform(
     rotation_range=(0.0, 60.0),
     scale_range=(0.5, 2.0),
     rng=random,
+    flip_p=0.5,
 ):
     """Draw one ``g`` from G for an image of valid ``size``: each named transform is applied in
-    the order flip (with probability 1/2), crop, rotation, scale."""
+    the order flip (with probability ``flip_p``), crop, rotation, scale."""
     out, cur = [], tuple(size)
     for name in ("flip", "crop", "rotation", "scale"):
         if name not in transforms:
             continue
         if name == "flip":
-            if rng.random() >= 0.5:
+            if rng.random() >= flip_p:
                 continue
             t = HFlip(cur, stride)
         elif name == "crop":

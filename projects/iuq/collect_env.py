@@ -42,6 +42,18 @@ def mask2former_op():
     return "built"
 
 
+def solq_op(where):
+    """SOLQ's deformable-attention op (``where``: its package directory): 'CUDA op built + CPU
+    stand-in', 'CPU stand-in (PyTorch)' (the installer's ``iuq_ms_deform_attn.py``: SOLQ's PyTorch
+    implementation) or 'missing: its op raises on the CPU' (a checkout the installer did not fix)."""
+    from .frameworks import SOLQ_OP_STAND_IN
+
+    if not (where / "models" / "ops" / "functions" / SOLQ_OP_STAND_IN).is_file():
+        return "missing: its op raises on the CPU"
+    built = mask2former_op() == "built"  # the same Deformable DETR op, whichever framework built it
+    return "CUDA op built + CPU stand-in" if built else "CPU stand-in (PyTorch)"
+
+
 def frameworks_table():
     """Rows (framework, status, location, commit, compiled ops, models)."""
     rows = []
@@ -54,6 +66,8 @@ def frameworks_table():
             continue
         if fw.name == "mask2former":
             ops = mask2former_op()
+        elif fw.name == "solq":
+            ops = solq_op(where)
         elif fw.setup_py:
             ops = "_C built" if _compiled(where, "_C") else "_C missing"
         else:
@@ -96,6 +110,10 @@ def snags():
         found.append(("Mask2Former's MultiScaleDeformableAttention op is not built: `import mask2former` fails",
                       "with CUDA: cd mask2former/modeling/pixel_decoder/ops && sh make.sh; on a CPU: "
                       + install_command("mask2former") + " (an empty stand-in: PyTorch fallback)"))
+    solq = installed(FRAMEWORKS["solq"])
+    if solq is not None and solq_op(solq).startswith("missing"):
+        found.append((f"SOLQ at {solq} lacks the installer's op stand-in: its deformable attention raises on the CPU",
+                      install_command("solq") + " (applies iuq.frameworks' SOLQ fixes to its own unpacked copy)"))
     if find_spec("detectron2") is None:
         found.append(("detectron2 is not installed", install_command("adelaidet") + "  (or sotr, mask2former, sparseinst)"))
     return found

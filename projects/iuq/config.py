@@ -5,7 +5,9 @@ configured and tested without detectron2.
 """
 
 INTER_LOSSES = ("focal", "l1", "l2", "ce")
-SAMPLINGS = ("instance", "image", "dense")
+# "images": whole images (encoder memories), the memory of adapters whose decode is a replay
+# (memory_kind "images": SOLQ); MEMORY.SIZE then counts images.
+SAMPLINGS = ("instance", "image", "dense", "images")
 TRANSFORMS = ("flip", "crop", "rotation", "scale")
 EQUI_MODES = ("full", "feature", "augment")
 MEMORY_DTYPES = ("float32", "float16", "bfloat16")
@@ -62,7 +64,7 @@ def add_iuq_config(cfg):
     # External memory of pixel samples from past batches (a FIFO queue).
     cfg.MODEL.IUQ.MEMORY = CN()
     cfg.MODEL.IUQ.MEMORY.SIZE = 100000  # 0 = mini-batch only
-    cfg.MODEL.IUQ.MEMORY.SAMPLING = "instance"  # instance | image | dense
+    cfg.MODEL.IUQ.MEMORY.SAMPLING = "instance"  # instance | image | dense | images (SOLQ: whole images)
     cfg.MODEL.IUQ.MEMORY.PIXELS_PER_INSTANCE = 50  # "instance" sampling
     cfg.MODEL.IUQ.MEMORY.PIXELS_PER_IMAGE = 1000  # "image" sampling
     cfg.MODEL.IUQ.MEMORY.DTYPE = "float32"  # storage dtype of the embeddings
@@ -227,6 +229,7 @@ def add_base_model_configs(cfg):
     else:
         add_deeplab_config(cfg)
         add_maskformer2_config(cfg)
+    add_solq_config_if_installed(cfg)
     try:
         from sparseinst import add_sparse_inst_config
     except ImportError:
@@ -234,3 +237,14 @@ def add_base_model_configs(cfg):
     device = cfg.MODEL.DEVICE
     add_sparse_inst_config(cfg)
     cfg.MODEL.DEVICE = device
+
+
+def add_solq_config_if_installed(cfg):
+    """``MODEL.SOLQ`` (``iuq.modeling.solq_config``: SOLQ's options) where SOLQ (the package
+    ``solq``) is installed, as the other frameworks' keys exist only where they are."""
+    import importlib.util
+
+    if importlib.util.find_spec("solq") is not None:
+        from .modeling.solq_config import add_solq_config
+
+        add_solq_config(cfg)

@@ -29,6 +29,7 @@ BUILTIN_ADAPTERS = {
         "Mask2Former (github.com/facebookresearch/Mask2Former, package `mask2former`)",
     ),
     "SparseInst": ("iuq.adapters.sparseinst", "SparseInst (github.com/hustvl/SparseInst, package `sparseinst`)"),
+    "SOLQ": ("iuq.adapters.solq", "SOLQ (github.com/megvii-research/SOLQ, installed as the package `solq`)"),
 }
 
 
@@ -52,6 +53,8 @@ class Captured:
                   keeps the highest of an instance's queries (``MODEL.IUQ.INTER.QUERIES``).
     embeddings:   [B, D, Hf, Wf] pixel-embedding map of the padded batch.
     stride:       input pixels per embedding cell; ``mask_stride`` likewise for the masks.
+    scene:        adapters with ``memory_kind = "images"`` only: per batch image, what a replay
+                  reads of it (``iuq.inter.images.Scene``; SOLQ: its encoder memory levels).
     """
 
     queries: torch.Tensor = None
@@ -64,6 +67,7 @@ class Captured:
     embeddings: torch.Tensor = None
     stride: int = None
     mask_stride: int = None
+    scene: list = None
 
     def select_queries(self, keep):
         """(queries, query_images, query_meta, targets [q, Hm, Wm] in the queries' dtype) of the
@@ -110,7 +114,15 @@ def record_matched(cap, slots, indices, counts):
 class IUQAdapter:
     """Base class. Subclasses implement ``_install`` (wrap the model's calls; record into
     ``self.captured`` while it is not None), ``decode_samples``, ``decode_map``, ``mask_loss``
-    and set ``self.stride`` (the embedding map's stride) in ``_install``."""
+    and set ``self.stride`` (the embedding map's stride) in ``_install``.
+
+    ``memory_kind``: "pixels" (a query decodes on any pixel samples: the memory holds pixel
+    samples, ``PixelMemory``), or "images" for a model whose decode is a *replay* of an attention
+    over another image's dense maps (SOLQ): the memory holds whole images (``ImageMemory``) and the
+    adapter implements ``batch_scenes``, ``replay_logits`` and ``replay_mask_loss`` instead of the
+    three decodes (``iuq/adapters/solq.py``; docs/adapters.md)."""
+
+    memory_kind = "pixels"
 
     def __init__(self, cfg, model):
         self.model = model.module if hasattr(model, "module") else model  # DDP / DataParallel
@@ -129,6 +141,15 @@ class IUQAdapter:
             yield self.captured
         finally:
             self.captured = None
+
+    @classmethod
+    def check_config(cls, cfg):
+        """Raise ``ValueError`` naming the key of a ``MODEL.IUQ`` setting this model cannot use.
+        Pixel memories: ``MEMORY.SAMPLING`` "images" is for adapters whose memory holds images."""
+        if cfg.MODEL.IUQ.MEMORY.SAMPLING == "images" and cls.memory_kind != "images":
+            raise ValueError(
+                f"Invalid config MODEL.IUQ.MEMORY.SAMPLING = 'images': {cls.__name__}'s queries decode on pixel "
+                "samples; 'images' (whole encoder memories) is for adapters whose decode is a replay (SOLQ)")
 
     @classmethod
     def train_mapper(cls, cfg):

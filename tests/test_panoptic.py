@@ -47,7 +47,7 @@ def test_registered_as_coco_panoptic_with_things_and_stuff_from_its_metadata(reg
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from PIL import Image
 
-    from iuq.stuff import stuff_flags
+    from iuq.inter.stuff import stuff_flags
 
     meta = MetadataCatalog.get("iuq_quickstart_panoptic_val")
     assert meta.evaluator_type == "coco_panoptic_seg"
@@ -89,8 +89,8 @@ def test_stuff_queries_and_stuff_samples_reach_the_inter_scene_loss(registered, 
     _require_mask2former()
     import train_net
 
-    import iuq.trainer as trainer_module
-    from iuq.trainer import IUQTrainer
+    import iuq.engine.trainer as trainer_module
+    from iuq.engine.trainer import IUQTrainer
 
     trainer = IUQTrainer(train_net.setup(args_for(tmp_path)))
     batch = next(trainer._trainer._data_loader_iter)

@@ -24,8 +24,11 @@ def slug(heading):
 
 
 def anchors(path):
-    seen, out = {}, set()
-    for line in re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M).splitlines():
+    """The anchors of ``path``: its headings' slugs (a repeated one with -1, -2, ...) and any
+    explicit ``<a id="...">`` / ``<a name="...">``."""
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+    seen, out = {}, set(re.findall(r"<a\s+(?:id|name)=\"([^\"]+)\"", text))
+    for line in text.splitlines():
         m = re.match(r"^#{1,6}\s+(.*)$", line)
         if m:
             base = slug(m.group(1))

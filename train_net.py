@@ -30,6 +30,7 @@ from iuq.config import get_iuq_cfg, validate_iuq_config
 from iuq.data.custom import DatasetSpecError, register_datasets
 from iuq.data import (is_lvis_sample_dataset, is_panoptic_quickstart_dataset, is_quickstart_dataset, is_textures_dataset,
                       register_lvis_sample, register_panoptic_quickstart, register_quickstart, register_textures)
+from iuq.data.copy_paste import is_copy_paste_dataset, register_copy_paste
 from iuq.engine.models import BaseModelUnavailable, base_model_config_errors, register_base_models, require_config_base_model
 from iuq.engine.cli import argument_parser, parse_args
 from iuq.engine.trainer import IUQTrainer
@@ -71,10 +72,12 @@ def setup(args):
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="iuq")
     # The datasets the project makes itself, drawn / written on first use: the quickstart (instance
     # and panoptic, under $IUQ_QUICKSTART_ROOT or ./datasets) and the LVIS sample (from
-    # $DETECTRON2_DATASETS/coco, under $IUQ_LVIS_SAMPLE_ROOT or ./datasets).
+    # $DETECTRON2_DATASETS/coco, under $IUQ_LVIS_SAMPLE_ROOT or ./datasets), the copy-paste testbed
+    # (from the same COCO, under $IUQ_COPY_PASTE_ROOT or ./datasets).
     for is_ours, register in ((is_quickstart_dataset, register_quickstart), (is_textures_dataset, register_textures),
                               (is_panoptic_quickstart_dataset, register_panoptic_quickstart),
-                              (is_lvis_sample_dataset, register_lvis_sample)):
+                              (is_lvis_sample_dataset, register_lvis_sample),
+                              (is_copy_paste_dataset, register_copy_paste)):
         names = [n for n in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST if is_ours(n)]
         if names:
             register(names=names)

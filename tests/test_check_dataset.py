@@ -203,6 +203,42 @@ def test_a_catalog_dataset_is_checked_from_its_dicts(tmp_path):
     assert not {"degenerate polygon", "duplicate image id"} & kinds
 
 
+def test_the_other_kinds_of_bad_record(tmp_path):
+    """RLEs, masks and ids the issue's dataset does not hold: each named with its annotation id."""
+    from detectron2.config import get_cfg
+
+    from iuq.config import add_iuq_config
+
+    data = json.loads((COCO / "annotations" / "instances_val2017.json").read_text())
+    image = data["images"][0]
+    (tmp_path / "images").mkdir()
+    shutil.copy(COCO / "val2017" / image["file_name"], tmp_path / "images" / image["file_name"])
+    h, w = image["height"], image["width"]
+    box = [10, 10, 60, 10, 60, 60, 10, 60]
+    anns = [
+        {"id": 1, "segmentation": {"size": [h + 1, w], "counts": [0, 5]}},  # bad RLE: another size
+        {"id": 2, "segmentation": []},  # instance without mask
+        {"id": 3, "segmentation": [[w + 50, 0, w + 90, 0, w + 90, 40]]},  # wholly outside: empty mask
+        {"id": 4, "segmentation": [[10, 10, 20, 20, 30, 30]]},  # collinear: empty mask
+        {"id": 5, "segmentation": [box[:2] + [w + 20, 10] + box[4:]]},  # partly outside: a warning
+        {"id": 5, "segmentation": [box]},  # the same annotation id again
+        {"id": 6, "segmentation": [box], "image_id": 123456789},  # an image the JSON does not list
+        {"id": 7, "segmentation": {"size": [h, w], "counts": [h * w]}},  # an RLE of 0 pixels
+    ]
+    for a in anns:
+        a.setdefault("image_id", image["id"])
+        a.update(category_id=1, iscrowd=0, area=1.0, bbox=[10, 10, 50, 50])
+    json_file = tmp_path / "a.json"
+    json_file.write_text(json.dumps({"images": [image], "annotations": anns, "categories": data["categories"]}))
+    register_datasets([f"iuq_test_other_kinds={json_file}:{tmp_path / 'images'}"])
+    cfg = get_cfg()
+    add_iuq_config(cfg)
+    found = {(p.kind, p.annotation_id) for p in check_one("iuq_test_other_kinds", cfg, progress=False).problems}
+    assert found == {("bad RLE", 1), ("instance without mask", 2), ("empty mask", 3), ("empty mask", 4),
+                     ("polygon outside image", 5), ("duplicate annotation id", 5), ("annotation of no image", 6),
+                     ("empty mask", 7)}
+
+
 def test_dataset_flag_values_and_their_errors(tmp_path, good_dataset):
     json_file, image_root, _ = good_dataset
     assert parse_dataset_spec("a=x/y.json:/im:ages") == ("a", "x/y.json", "/im:ages")

@@ -139,10 +139,11 @@ def coco_json_records(json_file, image_root):
                              "segmentation": a.get("segmentation")} for a in by_image.get(im["id"], ())],
         })
     seen = Counter(a.get("id") for a in data.get("annotations", []))
+    files = {r["image_id"]: r["file_name"] for r in records}
     for a in data.get("annotations", []):
         if a.get("id") is not None and seen[a.get("id")] > 1:
-            problems.append(Problem("duplicate annotation id", "-", a.get("image_id"), a.get("id"),
-                                    f"{seen[a['id']]} annotations have this id"))
+            problems.append(Problem("duplicate annotation id", files.get(a.get("image_id"), "-"), a.get("image_id"),
+                                    a.get("id"), f"{seen[a['id']]} annotations have this id"))
         if a.get("image_id") not in image_ids:
             problems.append(Problem("annotation of no image", "-", a.get("image_id"), a.get("id")))
     return records, categories, problems
@@ -238,7 +239,7 @@ def check_record(record, full_decode=False):
     except Exception as e:  # FileNotFoundError, PIL.UnidentifiedImageError, OSError (truncated), ...
         problems.append(Problem("unreadable image", file_name, image_id, detail=f"{type(e).__name__}: {e}"))
     else:
-        if (width, height) != size:
+        if width is not None and height is not None and (width, height) != size:  # as detectron2 checks
             problems.append(Problem("size mismatch", file_name, image_id,
                                     detail=f"decoded {size[0]}x{size[1]} (w x h), the JSON says {width}x{height}"))
         height, width = height or size[1], width or size[0]

@@ -43,12 +43,10 @@ def test_fifo_keyed_by_image_id_and_state_dict_round_trip():
 
 
 def test_every_rank_enqueues_all_ranks_scenes(monkeypatch):
-    from detectron2.utils import comm
-
     mine = [(7, scene(64, 64, fill=7))]
     other = [(8, scene(128, 64, fill=8)), (9, scene(64, 64, fill=9))]
     monkeypatch.setattr(images, "_world_size", lambda: 2)
-    monkeypatch.setattr(comm, "all_gather", lambda data: [data, other])
+    monkeypatch.setattr(images, "_all_gather_objects", lambda data: [data, other])
     mem = ImageMemory(10)
     mem.enqueue(mine)
     assert [i for i, _ in mem.scenes()] == [7, 8, 9]

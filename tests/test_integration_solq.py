@@ -10,7 +10,15 @@ import json
 import pytest
 import torch
 
-from adelaidet_support import (CONFIGS, EMPTY_IMAGES, MODEL_SMALL, REPO, SMALL, register_subset, require_solq)
+from adelaidet_support import (CONFIGS, EMPTY_IMAGES, MODEL_SMALL, REPO, SMALL, register_subset, require_solq,
+                               train_net_hiding)
+
+
+def test_a_solq_config_without_solq_names_the_installer():
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (not on PyPI; see README)")
+    code, stderr = train_net_hiding("solq", "--config-file", str(CONFIGS["SOLQ"]), "MODEL.DEVICE", "cpu")
+    assert code == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert "SOLQ" in stderr and "python tools/install_frameworks.py solq" in stderr
 
 
 def args_for(out, *opts, eval_only=False, resume=False):

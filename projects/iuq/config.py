@@ -242,9 +242,9 @@ def add_base_model_configs(cfg):
 def add_solq_config_if_installed(cfg):
     """``MODEL.SOLQ`` (``iuq.modeling.solq_config``: SOLQ's options) where SOLQ (the package
     ``solq``) is installed, as the other frameworks' keys exist only where they are."""
-    import importlib.util
+    from .frameworks import find_spec  # None where `solq` cannot be imported
 
-    if importlib.util.find_spec("solq") is not None:
+    if find_spec("solq") is not None:
         from .modeling.solq_config import add_solq_config
 
         add_solq_config(cfg)

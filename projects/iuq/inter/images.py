@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from .losses import inter_pointwise_loss
 
@@ -48,9 +49,14 @@ class BatchScenes(list):
 
 
 def _world_size():
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_gather_objects(obj):
+    """Every rank's ``obj``, in rank order (pickled: the scenes' shapes differ from rank to rank)."""
+    out = [None] * _world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class ImageMemory:
@@ -80,10 +86,8 @@ class ImageMemory:
             return
         scenes = list(scenes)
         if gather and _world_size() > 1:
-            from detectron2.utils import comm
-
             cpu = [(i, s.detach(device=torch.device("cpu"))) for i, s in scenes]
-            scenes = [entry for part in comm.all_gather(cpu) for entry in part]
+            scenes = [entry for part in _all_gather_objects(cpu) for entry in part]
         for image_id, scene in scenes:
             self.entries.append((int(image_id), scene.detach(dtype=self.dtype, device=self.device)))
         while len(self.entries) > self.capacity:

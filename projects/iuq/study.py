@@ -49,7 +49,7 @@ for _name in ("augment", "equi", "both"):
 # (``iuq.evaluation.measures``); a column is shown when some row has it.
 AP_METRICS = ["segm/AP", "segm/AP50", "segm/AP75", "segm/APs", "segm/APm", "segm/APl"]
 MEASURE_METRICS = ["iuq/cross_fa", "iuq/cross_fa_frac", "iuq/own_fa", "iuq/own_fa_frac",
-                   "iuq/equi_rel_err", "iuq/equi_dice", "iuq/view_dice"]
+                   "iuq/equi_rel_err", "iuq/equi_dice", "iuq/view_dice", "iuq/between_var", "iuq/own_probe"]
 CURVES = ["loss_mask", "loss_ins", "loss_inter", "loss_equi", "total_loss"]
 
 

@@ -1,4 +1,5 @@
-"""Data for IUQ: a synthetic quickstart dataset (instance and panoptic), an LVIS v1 sample made from
+"""Data for IUQ: a synthetic quickstart dataset (instance and panoptic), the textures testbed
+(per-instance appearance: ``iuq_textures_*``), an LVIS v1 sample made from
 COCO-format data, and what IUQ reads of and checks in a training batch.
 
 ``quickstart`` and ``lvis_sample`` need detectron2 only to make / register their datasets, so
@@ -26,10 +27,15 @@ from .quickstart_panoptic import (
 from .quickstart import (
     QUICKSTART_CATEGORIES,
     QUICKSTART_DATASETS,
+    TEXTURES_CATEGORIES,
+    TEXTURES_DATASETS,
     default_quickstart_root,
     generate_quickstart,
+    generate_textures,
     is_quickstart_dataset,
+    is_textures_dataset,
     register_quickstart,
+    register_textures,
     render_quickstart_image,
 )
 
@@ -48,10 +54,15 @@ __all__ = [
     "render_panoptic_image",
     "QUICKSTART_CATEGORIES",
     "QUICKSTART_DATASETS",
+    "TEXTURES_CATEGORIES",
+    "TEXTURES_DATASETS",
     "default_quickstart_root",
     "generate_quickstart",
+    "generate_textures",
     "is_quickstart_dataset",
+    "is_textures_dataset",
     "register_quickstart",
+    "register_textures",
     "render_quickstart_image",
 ]
 

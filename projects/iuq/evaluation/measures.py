@@ -15,6 +15,17 @@ final evaluation run next to COCO AP when ``MODEL.IUQ.MEASURES.ENABLED`` is True
   (``equi_rel_err``, mean over views), and the dice between <q^g, g(F)> thresholded at 0.5 and the
   view's ground truth g(M) (``equi_dice``, mean over the view's matched queries); beside it the
   dice of the same queries on the view's own map, <q^g, F^g> (``view_dice``).
+- The testbed property (can the data tell instances apart across scenes at all? Eq. 5's premise):
+  at the instance cells of the held-out images, the share of the embedding's variance that lies
+  *between* images (``between_var``: sum over images of n_i ||mean_i - mean||^2 over the total
+  sum of squares, channels summed; 1 = an image's instance pixels are all alike and differ only
+  from other images', 0 = which image a pixel is from tells nothing), and the own-vs-same-position
+  probe (``own_probe``): for each instance of >= ``PROBE_MIN_CELLS`` cells, a linear classifier
+  (ridge least squares, class-balanced, closed form) on the embedding fitted to tell the
+  instance's own cells from the *other images of its batch* at the same cells (what a CondInst
+  query must do where its relative coordinates are identical), its balanced accuracy on the
+  held-out half of the cells (chance 0.5), averaged over instances. Cells and halves are drawn
+  from ``MEASURES.SEED`` + 1 (a stream of its own: the other measures' draws are unchanged).
 
 The arithmetic is in small functions of plain tensors (``tests/test_measures.py`` pins each on
 inputs whose answer is known by hand); :class:`IUQMeasures` runs the model and feeds them.
@@ -88,6 +99,105 @@ def sample_instance_pixels(instance_masks, k, generator=None):
     from ..inter.samples import _random_members
 
     return _random_members(instance_masks.flatten(1), k, generator)
+
+
+PROBE_MIN_CELLS = 4  # an instance enters the probe with at least this many cells (half to fit, half to test)
+PROBE_RIDGE = 0.1  # ridge on the scaled features, against a total sample weight of 1
+
+
+def group_statistics(features, groups):
+    """Per group: (count [G], sum of features [G, D], sum of squared norms [G]) of ``features``
+    [N, D] grouped by ``groups`` [N] (int64, 0..G-1), G = groups.max() + 1."""
+    g = int(groups.max()) + 1 if len(groups) else 0
+    features = features.double()
+    counts = torch.zeros(g, dtype=torch.float64).index_add_(0, groups, torch.ones(len(groups), dtype=torch.float64))
+    sums = torch.zeros(g, features.shape[1], dtype=torch.float64).index_add_(0, groups, features)
+    sumsq = torch.zeros(g, dtype=torch.float64).index_add_(0, groups, (features ** 2).sum(1))
+    return counts, sums, sumsq
+
+
+def between_share_from_statistics(counts, sums, sumsq):
+    """The between-group share of the total sum of squares from per-group statistics (as
+    :func:`group_statistics` gives them; groups may come from separate batches):
+    sum_g n_g ||mu_g - mu||^2 / sum_x ||x - mu||^2. nan when the total is zero."""
+    counts, sums, sumsq = counts.double(), sums.double(), sumsq.double()
+    keep = counts > 0
+    counts, sums, sumsq = counts[keep], sums[keep], sumsq[keep]
+    n = float(counts.sum())
+    if n == 0:
+        return float("nan")
+    grand = sums.sum(0)
+    correction = float((grand ** 2).sum()) / n
+    total = float(sumsq.sum()) - correction
+    between = float(((sums ** 2).sum(1) / counts).sum()) - correction
+    if total <= 1e-12 * max(float(sumsq.sum()), 1e-300):
+        return float("nan")
+    return min(max(between / total, 0.0), 1.0)
+
+
+def between_image_share(features, groups):
+    """The share of the variance of ``features`` [N, D] that lies between the groups ``groups``
+    [N] (images): see :func:`between_share_from_statistics`."""
+    return between_share_from_statistics(*group_statistics(features, groups))
+
+
+def probe_balanced_accuracy(pos_train, neg_train, pos_test, neg_test, ridge=PROBE_RIDGE):
+    """Balanced accuracy on (``pos_test`` [P, D], ``neg_test`` [M, D]) of a linear classifier
+    fitted in closed form on (``pos_train``, ``neg_train``): ridge least squares on targets +1 / -1
+    with each class weighing 1/2 in total, features centred and scaled by the training set's RMS
+    spread, bias unpenalised; a score > 0 says "positive". Deterministic."""
+    x = torch.cat([pos_train, neg_train]).double()
+    y = torch.cat([torch.ones(len(pos_train)), -torch.ones(len(neg_train))]).double()
+    w = torch.cat([torch.full((len(pos_train),), 0.5 / len(pos_train)),
+                   torch.full((len(neg_train),), 0.5 / len(neg_train))]).double()
+    # Centred, and scaled by one number (the training set's RMS spread): the ridge is then
+    # scale-free without inflating near-constant channels, as a per-channel scale would on the
+    # few cells of a small instance.
+    mean = x.mean(0)
+    std = (x - mean).pow(2).mean().sqrt().clamp(min=1e-6)
+    a = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    penalty = torch.eye(a.shape[1], dtype=torch.float64) * ridge
+    penalty[-1, -1] = 0.0
+    coef = torch.linalg.solve(a.t() @ (w[:, None] * a) + penalty, a.t() @ (w * y))
+
+    def score(z):
+        z = (z.double() - mean) / std
+        return z @ coef[:-1] + coef[-1]
+
+    tpr = float((score(pos_test) > 0).double().mean())
+    tnr = float((score(neg_test) <= 0).double().mean())
+    return 0.5 * (tpr + tnr)
+
+
+def own_vs_same_position_probe(maps, valid, instance_masks, generator=None, min_cells=PROBE_MIN_CELLS):
+    """The own-vs-same-position probe of one batch: ``maps`` [B, D, H, W] (the batch's embeddings,
+    cells aligned), ``valid`` [(h, w)] per image (its cells; the rest is padding),
+    ``instance_masks`` [N_i, H, W] bool per image on the same grid. For each instance with at
+    least ``min_cells`` cells, its cells are split at random into halves; positives: the
+    instance's own embeddings there; negatives: the other images' at the same cells (where
+    valid). Returns the list of per-instance balanced accuracies (:func:`probe_balanced_accuracy`)."""
+    accuracies = []
+    for i, masks in enumerate(instance_masks):
+        others = [j for j in range(len(instance_masks)) if j != i]
+        if not others:
+            break
+        for mask in masks:
+            ys, xs = mask.nonzero(as_tuple=True)
+            if len(ys) < min_cells:
+                continue
+            order = torch.randperm(len(ys), generator=generator)
+            half = (len(ys) + 1) // 2
+            parts = []
+            for cells in (order[:half], order[half:]):
+                cy, cx = ys[cells], xs[cells]
+                pos = maps[i][:, cy, cx].t()
+                neg = [maps[j][:, cy, cx].t()[(cy < valid[j][0]) & (cx < valid[j][1])] for j in others]
+                parts.append((pos, torch.cat(neg)))
+            (pos_tr, neg_tr), (pos_te, neg_te) = parts
+            if len(neg_tr) == 0 or len(neg_te) == 0:
+                continue
+            accuracies.append(probe_balanced_accuracy(pos_tr, neg_tr, pos_te, neg_te))
+    return accuracies
 
 
 def heldout_mapper(cfg):
@@ -185,6 +295,8 @@ class IUQMeasures(DatasetEvaluator):
 
         m_cfg = self.cfg.MODEL.IUQ.MEASURES
         gen = torch.Generator().manual_seed(m_cfg.SEED)
+        self._probe_gen = torch.Generator().manual_seed(m_cfg.SEED + 1)  # the testbed property's own
+        self._var_stats = []
         rng = random.Random(m_cfg.SEED)
         acc = _Accumulator()
         queries, metas, q_image, samples_e, samples_loc, s_image = [], [], [], [], [], []
@@ -204,8 +316,11 @@ class IUQMeasures(DatasetEvaluator):
         self._cross_scene(queries, metas, q_image, samples_e, samples_loc, s_image, acc)
         if not comm.is_main_process():
             return {}
-        names = ["cross_fa", "cross_fa_frac", "own_fa", "own_fa_frac", "equi_rel_err", "equi_dice", "view_dice"]
+        names = ["cross_fa", "cross_fa_frac", "own_fa", "own_fa_frac", "equi_rel_err", "equi_dice", "view_dice",
+                 "own_probe"]
         result = {name: acc.mean(name) for name in names}
+        result["between_var"] = (between_share_from_statistics(*(torch.stack(t) for t in zip(*self._var_stats)))
+                                 if self._var_stats else float("nan"))
         result["images"] = image_offset
         logger.info(f"IUQ measures on {self.dataset_name}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return {"iuq": result}
@@ -220,10 +335,20 @@ class IUQMeasures(DatasetEvaluator):
         grid_h, grid_w = emb.shape[-2:]
         locations = grid_locations(grid_h, grid_w, cap.stride, emb.device)
         mask_grid = cap.gt_masks.shape[-2:]
+        valid = [valid_cells(tuple(batch[i]["image"].shape[-2:]), cap.stride) for i in range(n)]
+        probe_masks = []
         for i in range(n):
             inst = masks[i]
             on_masks = masks_on_grid(inst, mask_grid, cap.mask_stride).to(emb.device)
             on_emb = masks_on_grid(inst, (grid_h, grid_w), cap.stride).to(emb.device)
+            # The testbed property: this image's instance cells (valid region only).
+            inside = torch.zeros((grid_h, grid_w), dtype=torch.bool, device=emb.device)
+            inside[: valid[i][0], : valid[i][1]] = True
+            cells = on_emb.bool() & inside
+            probe_masks.append(cells.cpu())
+            feats = emb[i][:, cells.any(0)].t().cpu()
+            if len(feats):
+                self._var_stats.append(tuple(t[0] for t in group_statistics(feats, torch.zeros(len(feats), dtype=torch.long))))
             mine = (cap.query_images == i).nonzero(as_tuple=True)[0]
             targets = cap.gt_masks[cap.gt_index[mine]]
             owner = assign_instances(targets, on_masks)
@@ -245,6 +370,8 @@ class IUQMeasures(DatasetEvaluator):
             samples_e.append(e.cpu())
             samples_loc.append(loc.cpu())
             s_image.append(torch.full((len(e),), image_offset + i, dtype=torch.long))
+        probe = own_vs_same_position_probe(emb[:n].cpu(), valid, probe_masks, self._probe_gen)
+        acc.add("own_probe", float(sum(probe)), len(probe))
         s = cap.stride
         for k, v in enumerate(views):
             (hc, wc), (hv, wv) = valid_cells(v.g.in_size, s), valid_cells(v.g.out_size, s)

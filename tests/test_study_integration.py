@@ -66,7 +66,7 @@ def test_measures_under_eval_only_and_an_identity_view_is_exactly_equivariant(tm
     values = {k: float(v) for k, v in values.items()}
     assert values["equi_rel_err"] == 0.0 and values["equi_dice"] == values["view_dice"]
     assert values["images"] == 4.0
-    for key in ("cross_fa", "cross_fa_frac", "own_fa", "own_fa_frac"):
+    for key in ("cross_fa", "cross_fa_frac", "own_fa", "own_fa_frac", "between_var", "own_probe"):
         assert 0.0 <= values[key] <= 1.0
 
 

@@ -105,3 +105,25 @@ def test_g_on_every_level_matches_the_levels_of_the_transformed_image(seed):
         assert f.shape == o.shape and p.shape == f.shape[-2:]
         torch.testing.assert_close(f, o)  # padding cells are zeros in both (the view's canvas is 0 there)
         assert not bool(p.any()) or bool((o[:, p] == 0).all())
+
+
+def test_feature_mode_is_zero_where_the_levels_are_equivariant():
+    from types import SimpleNamespace
+
+    from iuq.equi.replay import replay_equi_loss
+    from iuq.equi.transforms import HFlip, TransformList
+    from iuq.equi.views import View
+
+    image = torch.rand(3, 100, 150)
+    g = TransformList([HFlip((100, 150), 64)], (100, 150), 64)
+
+    def as_scene(img):
+        levels = _levels(img)
+        return Scene(levels, [torch.zeros(f.shape[-2:], dtype=torch.bool) for f in levels], STRIDES)
+
+    view_image = g.apply_image(image)
+    cap = SimpleNamespace(scene=[as_scene(image), as_scene(view_image)])
+    loss = replay_equi_loss(None, cap, [View(0, g)], 1, mode="feature")
+    assert float(loss) < 1e-12
+    cap.scene[1] = as_scene(view_image + 1.0)
+    assert float(replay_equi_loss(None, cap, [View(0, g)], 1, mode="feature")) > 0.5

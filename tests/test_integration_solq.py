@@ -228,6 +228,12 @@ def test_pixel_memory_settings_are_refused_naming_the_key(trainer):
     cfg.MODEL.SOLQ.SIZE_DIVISIBILITY = 32
     with pytest.raises(ValueError, match=r"MODEL\.SOLQ\.SIZE_DIVISIBILITY = 32"):
         SOLQ.check_config(cfg)
+    cfg.MODEL.SOLQ.SIZE_DIVISIBILITY = 64
+    cfg.MODEL.IUQ.MEASURES.ENABLED = True
+    with pytest.raises(ValueError, match=r"MODEL\.IUQ\.MEASURES\.ENABLED = True"):
+        SOLQ.check_config(cfg)
+    cfg.MODEL.IUQ.MEASURES.ENABLED = False
+    SOLQ.check_config(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,10 @@ class SOLQ(IUQAdapter):
                 f"of past images. Set MODEL.IUQ.MEMORY.SAMPLING {SOLQ_MEMORY_SAMPLING!r} (MEMORY.SIZE then counts "
                 f"images; the pixel samplings {[s for s in SAMPLINGS if s != SOLQ_MEMORY_SAMPLING]} need a "
                 "pixel-embedding model)")
+        if iuq.MEASURES.ENABLED:
+            raise ValueError(
+                "Invalid config MODEL.IUQ.MEASURES.ENABLED = True: the study's measures decode queries on pixel "
+                "embeddings, which SOLQ has none of (not built for replay adapters)")
         stride = solq_strides(cfg)[-1]
         if iuq.EQUI.ENABLED and cfg.MODEL.SOLQ.SIZE_DIVISIBILITY % stride:
             raise ValueError(

@@ -13,12 +13,14 @@ study() { python3 tools/ablation.py --config-file "$CONFIG" --output-dir "$OUT" 
 
 # 1. The main modes, seeds 0-2 (seed-major).
 study --modes $MAIN --seeds 0 1 2
-# 2. The open choices (issue 26, item 3) for inter and both, seeds 0-2, seed by seed.
+# 2. The open choices (issue 26, item 3) for inter and both, seeds 0-2, seed by seed: the other
+#    value of each key the study config pins (there: detached negatives, alpha on the positives,
+#    every positive query, one RandomChoice per batch).
 for seed in 0 1 2; do
-    study --modes inter both --seeds "$seed" --sweep MODEL.IUQ.INTER.DETACH_NEGATIVES True
+    study --modes inter both --seeds "$seed" --sweep MODEL.IUQ.INTER.DETACH_NEGATIVES False
     study --modes inter both --seeds "$seed" --sweep MODEL.IUQ.INTER.ALPHA_WEIGHTS negatives
     study --modes inter both --seeds "$seed" --sweep MODEL.IUQ.INTER.QUERIES matched_originals
-    study --modes both --seeds "$seed" --sweep MODEL.IUQ.EQUI.DRAW per_batch_choice
+    study --modes both --seeds "$seed" --sweep MODEL.IUQ.EQUI.DRAW per_image_compose
 done
 # 3. The main modes, seeds 3-4.
 study --modes $MAIN --seeds 0 1 2 3 4

@@ -18,6 +18,7 @@ import torch
 
 from adelaidet_support import (CONFIGS, EMPTY_IMAGES, MODEL_SMALL, REPO, SMALL, assert_final_weights_load_into_the_stock_model,
                                assert_resume_restores_the_memory, register_subset, train_net_hiding)
+from autograd_support import check_iuq_loss_reaches, iuq_gradients
 
 
 def test_a_mask2former_config_without_mask2former_names_the_installer():
@@ -79,7 +80,7 @@ def forward(tmp_path_factory):
     matched = torch.cat([pred_masks[b, src] for b, (src, _) in enumerate(seen["indices"])])
     predictor.forward, trainer.model.criterion.matcher.forward = predictor_forward, match
     loss_dict, samples = trainer.forward_losses(batch)
-    grads = {key: torch.autograd.grad(loss_dict[key], probes(trainer.model), retain_graph=True)
+    grads = {key: iuq_gradients(loss_dict[key], *probes(trainer.model))
              for key in ("loss_inter", "loss_equi")}
     return SimpleNamespace(trainer=trainer, losses={k: v.detach() for k, v in loss_dict.items()}, grads=grads,
                            samples=samples.detach(), decoded=decoded.detach(), matched=matched.detach(), batch=batch)
@@ -95,8 +96,7 @@ def test_iuq_losses_are_finite_and_non_zero(forward):
 
 @pytest.mark.parametrize("key", ["loss_inter", "loss_equi"])
 def test_each_iuq_loss_reaches_the_mask_embedding_mlp_and_the_pixel_decoder(forward, key):
-    for which, g in zip(("mask-embedding MLP", "pixel decoder"), forward.grads[key]):
-        assert torch.isfinite(g).all() and g.abs().sum() > 0, f"{key} does not reach Mask2Former's {which}"
+    check_iuq_loss_reaches(key, forward.grads[key], ("mask-embedding MLP", "pixel decoder"), "Mask2Former")
 
 
 def test_captured_queries_decode_to_the_models_own_masks(forward):

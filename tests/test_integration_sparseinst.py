@@ -15,6 +15,7 @@ import torch
 
 from adelaidet_support import (CONFIGS, MODEL_SMALL, REPO, SMALL, assert_final_weights_load_into_the_stock_model,
                                assert_resume_restores_the_memory, register_subset, train_net_hiding)
+from autograd_support import check_iuq_loss_reaches, iuq_gradients
 
 def test_a_sparseinst_config_without_sparseinst_names_the_installer():
     pytest.importorskip("detectron2", reason="detectron2 is not installed (not on PyPI; see README)")
@@ -68,7 +69,7 @@ def forward(tmp_path_factory):
     decoded = trainer.adapter.decode_map(cap.queries, {}, cap.query_images, cap.embeddings)
     matched = seen["pred_masks"]["pred_masks"][cap.query_images, _matched_slots(trainer, cap, seen)]
     loss_dict, samples = trainer.forward_losses(batch)
-    grads = {key: torch.autograd.grad(loss_dict[key], probes(trainer.model), retain_graph=True)
+    grads = {key: iuq_gradients(loss_dict[key], *probes(trainer.model))
              for key in ("loss_inter", "loss_equi")}
     kept = SimpleNamespace(trainer=trainer, optimizer=trainer.optimizer, mapper=trainer._trainer.data_loader,
                            losses={k: v.detach() for k, v in loss_dict.items()}, grads=grads, samples=samples.detach(),
@@ -94,8 +95,7 @@ def test_iuq_losses_are_finite_and_non_zero(forward):
 
 @pytest.mark.parametrize("key", ["loss_inter", "loss_equi"])
 def test_each_iuq_loss_reaches_the_kernel_and_mask_branches(forward, key):
-    for which, g in zip(("kernel branch", "mask branch"), forward.grads[key]):
-        assert torch.isfinite(g).all() and g.abs().sum() > 0, f"{key} does not reach SparseInst's {which}"
+    check_iuq_loss_reaches(key, forward.grads[key], ("kernel branch", "mask branch"), "SparseInst")
 
 
 def test_captured_queries_decode_to_the_models_own_masks(forward):

@@ -76,10 +76,12 @@ def run_inter(t):
     return loss, emb.grad, cap.queries.grad
 
 
-def test_the_options_default_to_todays_behaviour_and_are_validated():
+def test_defaults_follow_algorithm_1_where_it_speaks_and_are_validated():
     iuq = get_iuq_cfg().MODEL.IUQ
-    assert iuq.INTER.DETACH_NEGATIVES is False and iuq.INTER.ALPHA_WEIGHTS == "positives"
-    assert iuq.INTER.QUERIES == "all" and iuq.EQUI.DRAW == "per_image_compose"
+    # Algorithm 1 (supplementary): external_feats.clone().detach(); RandomChoice([flip, crop]).
+    assert iuq.INTER.DETACH_NEGATIVES is True and iuq.EQUI.DRAW == "per_batch_choice"
+    # Where the paper is silent, this project's first behaviour (the study decides).
+    assert iuq.INTER.ALPHA_WEIGHTS == "positives" and iuq.INTER.QUERIES == "all"
     for key, value, why in [("INTER.DETACH_NEGATIVES", "yes", "True or False"),
                             ("INTER.ALPHA_WEIGHTS", "both", "one of"),
                             ("INTER.QUERIES", "matched", "one of"),
@@ -97,7 +99,7 @@ def test_the_options_default_to_todays_behaviour_and_are_validated():
 def test_detached_negatives_give_the_same_loss_and_no_gradient_into_the_negatives():
     f2, f1, f05 = focal(2.0, 1 - ALPHA), focal(1.0, 1 - ALPHA), focal(0.5, 1 - ALPHA)
     hand = 0.5 * ((f2[0] + f1[0]) / 2 + f05[0])
-    attached, grad_on, q_grad_on = run_inter(trainer())
+    attached, grad_on, q_grad_on = run_inter(trainer("MODEL.IUQ.INTER.DETACH_NEGATIVES", "False"))
     detached, grad_off, q_grad_off = run_inter(trainer("MODEL.IUQ.INTER.DETACH_NEGATIVES", "True"))
     assert attached.item() == pytest.approx(hand, rel=1e-6)
     assert detached.item() == attached.item()
@@ -182,9 +184,7 @@ def batch_of(sizes):
 
 
 def test_per_batch_choice_gives_every_image_of_a_batch_the_same_single_transform_kind():
-    cfg = get_iuq_cfg()
-    cfg.merge_from_list(["MODEL.IUQ.EQUI.DRAW", "per_batch_choice"])
-    equi, rng, kinds = cfg.MODEL.IUQ.EQUI, random.Random(0), []
+    equi, rng, kinds = get_iuq_cfg().MODEL.IUQ.EQUI, random.Random(0), []  # the default
     batch = batch_of([(64, 96), (80, 64), (56, 72)])
     for _ in range(40):
         _, views = add_views(batch, 8, equi, torch.zeros(3, 1, 1), rng)
@@ -198,8 +198,10 @@ def test_per_batch_choice_gives_every_image_of_a_batch_the_same_single_transform
     assert set(kinds) == {"HFlip", "Crop"}
 
 
-def test_per_image_compose_is_todays_flip_then_crop():
-    equi = get_iuq_cfg().MODEL.IUQ.EQUI
+def test_per_image_compose_is_flip_then_crop():
+    cfg = get_iuq_cfg()
+    cfg.merge_from_list(["MODEL.IUQ.EQUI.DRAW", "per_image_compose"])
+    equi = cfg.MODEL.IUQ.EQUI
     rng, shapes = random.Random(0), set()
     for _ in range(20):
         _, views = add_views(batch_of([(64, 96), (80, 64)]), 8, equi, torch.zeros(3, 1, 1), rng)

@@ -56,3 +56,22 @@ def test_solov2_keeps_one_grid_cell_per_original_instance(tmp_path):
     distinct = {(int(cap.query_images[i]), cap.gt_masks[cap.gt_index[i]].numpy().tobytes()) for i in originals}
     assert len(queries) == len(distinct) < len(originals)
     assert bool((images < n).all())
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_condinst_inter_loss_reaches_the_mask_branch_only_through_attached_negatives(tmp_path, detach):
+    """MODEL.IUQ.INTER.DETACH_NEGATIVES on the real model: detached (the default, Algorithm 1),
+    loss_inter trains the controller (the queries) and nothing of the mask branch; attached, the
+    batch's samples carry its gradient into the mask branch too."""
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    trainer = IUQTrainer(small_cfg("CondInst", "OUTPUT_DIR", str(tmp_path), "MODEL.IUQ.EQUI.ENABLED", "False",
+                                   "MODEL.IUQ.INTER.DETACH_NEGATIVES", str(detach)))
+    loss_dict, _ = trainer.forward_losses(next(trainer._trainer._data_loader_iter))
+    model = trainer.model
+    controller, mask_branch = torch.autograd.grad(loss_dict["loss_inter"], [model.controller.weight,
+                                                  model.mask_branch.tower[-1].weight], allow_unused=True)
+    assert controller is not None and controller.abs().sum() > 0
+    if detach:
+        assert mask_branch is None or not mask_branch.abs().sum()
+    else:
+        assert mask_branch is not None and mask_branch.abs().sum() > 0

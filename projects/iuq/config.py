@@ -44,11 +44,12 @@ def add_iuq_config(cfg):
     # nearer the caches (1.2 s vs 1.4 s at 1024, Q = 350, 100K samples) and costs the dot
     # product nothing (measured on CPU only; a GPU may want larger chunks).
     cfg.MODEL.IUQ.INTER.CHUNK_SIZE = 512
-    # The batch's own samples, used as negatives for the other images' queries: False lets the
-    # loss's gradient reach those images' embeddings through them; True detaches them, as
-    # Algorithm 1 of the supplementary does (``external_feats.clone().detach()``). Either way the
-    # memory's samples carry no gradient and the loss's value is the same.
-    cfg.MODEL.IUQ.INTER.DETACH_NEGATIVES = False
+    # The batch's own samples, used as negatives for the other images' queries: True detaches
+    # them, as the paper's pseudo-code does (supplementary, Algorithm 1:
+    # ``external_feats.clone().detach()``): L_inter then trains the queries only; False lets its
+    # gradient reach those images' embeddings through them (this project's first behaviour).
+    # Either way the memory's samples carry no gradient and the loss's value is the same.
+    cfg.MODEL.IUQ.INTER.DETACH_NEGATIVES = True
     # Which side of the focal loss ALPHA weights. "positives": Lin et al.'s, fvcore's and mmdet's
     # convention, alpha on target-1 terms, so against the all-zero target every negative weighs
     # 1 - ALPHA (0.9); "negatives": ALPHA weighs the negatives (0.1, 9x weaker at ALPHA = 0.1).
@@ -81,12 +82,13 @@ def add_iuq_config(cfg):
     # mean squared error between F^g and g(F) on the view's valid cells (the paper does not give
     # its exact form); augment: transformed images as plain augmentation, <q^g, F^g> (no L_equi).
     cfg.MODEL.IUQ.EQUI.MODE = "full"
-    # How a view's g is drawn from TRANSFORMS. "per_image_compose": per image, each listed
-    # transform in the order flip (p = 1/2), crop, rotation, scale; "per_batch_choice": one
-    # transform kind per batch, uniformly among TRANSFORMS, as Algorithm 1's
-    # ``RandomChoice([flip, crop])``; every image of the batch then gets that one transform (a
-    # flip; a crop with its own box, the images' sizes differ).
-    cfg.MODEL.IUQ.EQUI.DRAW = "per_image_compose"
+    # How a view's g is drawn from TRANSFORMS. "per_batch_choice" (the paper's pseudo-code,
+    # supplementary Algorithm 1: ``RandomChoice([flip, crop])``, one draw per batch): one transform
+    # kind per batch, uniformly among TRANSFORMS, every image of the batch then getting that one
+    # transform (a flip; a crop with its own box, the images' sizes differ); "per_image_compose"
+    # (this project's first behaviour): per image, each listed transform in the order flip
+    # (p = 1/2), crop, rotation, scale.
+    cfg.MODEL.IUQ.EQUI.DRAW = "per_batch_choice"
     # Compute-matched views. False: every image of the batch gets a view and the step trains on
     # both, 2 x SOLVER.IMS_PER_BATCH images (about twice the baseline twin's time and activation
     # memory per iteration, the same distinct images per iteration). True: the views count toward

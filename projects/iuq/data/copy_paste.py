@@ -48,6 +48,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .lvis_sample import _stamp_of, default_lvis_sample_source
 from .quickstart import _atomic_write
 
 __all__ = [
@@ -305,8 +306,6 @@ def make_copy_paste(coco, image_dir, split, num_scenes, out_dir, **overrides):
 def generate_copy_paste_split(split, num_scenes, root=None, coco_json=None, image_dir=None, **overrides):
     """Write ``root/<split>_<N>/`` (JPEGs under ``<split>/``, the json ``<split>.json``) unless the
     same set (same source, options, generator version) is there. Returns (json_file, image_root)."""
-    from .lvis_sample import default_lvis_sample_source
-
     default_json, default_dir = default_lvis_sample_source()
     coco_json = os.path.abspath(coco_json or default_json)
     image_dir = os.path.abspath(image_dir or default_dir)
@@ -334,14 +333,6 @@ def generate_copy_paste_split(split, num_scenes, root=None, coco_json=None, imag
     payload = json.dumps(data, separators=(",", ":")).encode("utf-8")
     _atomic_write(json_file, lambda f: f.write(payload), ".json")
     return json_file, os.path.join(out_dir, split)
-
-
-def _stamp_of(json_file):
-    try:
-        with open(json_file) as f:
-            return json.load(f)["info"].get("iuq_stamp")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def is_copy_paste_dataset(name):

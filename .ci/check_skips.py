@@ -33,7 +33,7 @@ def main(argv):
         reasons = Counter(reason for _, reason in found)
         print(f"[ci] {env}: {len(found)} skipped" + "".join(f"\n[ci]   {n} x {r}" for r, n in reasons.items()))
         bad += [(env, test, reason) for test, reason in found
-                if not any(re.search(p, reason) for p in ALLOWED[env])]
+                if not any(re.search(p, reason, re.IGNORECASE) for p in ALLOWED[env])]
     for env, test, reason in bad:
         print(f"[ci] FAIL: {test} skipped in the {env} environment: {reason}")
     if bad:

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "projects" / "iuq"
 # Core: torch only. ``iuq.equi.views`` builds detectron2 ``Instances`` for a batch's views.
 CORE = ("iuq.inter", "iuq.equi")
 CORE_EXCEPTIONS = ("iuq.equi.views",)
-FRAMEWORKS = ("detectron2", "adet", "mask2former", "sparseinst", "panopticapi", "fvcore", "lvis")
+FRAMEWORKS = ("detectron2", "adet", "mask2former", "sparseinst", "solq", "panopticapi", "fvcore", "lvis")
 
 
 def module_files():

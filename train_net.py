@@ -28,9 +28,7 @@ except ImportError as e:
 
 from iuq.config import get_iuq_cfg, validate_iuq_config
 from iuq.data.custom import DatasetSpecError, register_datasets
-from iuq.data import (is_lvis_sample_dataset, is_panoptic_quickstart_dataset, is_quickstart_dataset, is_textures_dataset,
-                      register_lvis_sample, register_panoptic_quickstart, register_quickstart, register_textures)
-from iuq.data.copy_paste import is_copy_paste_dataset, register_copy_paste
+from iuq.data import project_datasets
 from iuq.engine.models import BaseModelUnavailable, base_model_config_errors, register_base_models, require_config_base_model
 from iuq.engine.cli import argument_parser, parse_args
 from iuq.engine.trainer import IUQTrainer
@@ -70,14 +68,8 @@ def setup(args):
     cfg.freeze()
     default_setup(cfg, args)  # logs, and writes OUTPUT_DIR/config.yaml with the overrides
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="iuq")
-    # The datasets the project makes itself, drawn / written on first use: the quickstart (instance
-    # and panoptic, under $IUQ_QUICKSTART_ROOT or ./datasets) and the LVIS sample (from
-    # $DETECTRON2_DATASETS/coco, under $IUQ_LVIS_SAMPLE_ROOT or ./datasets), the copy-paste testbed
-    # (from the same COCO, under $IUQ_COPY_PASTE_ROOT or ./datasets).
-    for is_ours, register in ((is_quickstart_dataset, register_quickstart), (is_textures_dataset, register_textures),
-                              (is_panoptic_quickstart_dataset, register_panoptic_quickstart),
-                              (is_lvis_sample_dataset, register_lvis_sample),
-                              (is_copy_paste_dataset, register_copy_paste)):
+    # The datasets the project makes itself, drawn / written on first use (iuq.data.project_datasets).
+    for is_ours, register in project_datasets():
         names = [n for n in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST if is_ours(n)]
         if names:
             register(names=names)

@@ -64,5 +64,18 @@ __all__ = [
     "register_quickstart",
     "register_textures",
     "render_quickstart_image",
+    "project_datasets",
 ]
 
+
+def project_datasets():
+    """The datasets the project makes itself, drawn / written on first use, as (is_ours(name),
+    register(names=...)) pairs: the quickstart and the textures testbed (under
+    $IUQ_QUICKSTART_ROOT or ./datasets), the panoptic quickstart, the LVIS sample and the
+    copy-paste testbed (from $DETECTRON2_DATASETS/coco, under their own roots or ./datasets).
+    ``train_net.setup`` registers the ones a config names; ``--dataset`` refuses their names."""
+    from .copy_paste import is_copy_paste_dataset, register_copy_paste
+
+    return ((is_quickstart_dataset, register_quickstart), (is_textures_dataset, register_textures),
+            (is_panoptic_quickstart_dataset, register_panoptic_quickstart),
+            (is_lvis_sample_dataset, register_lvis_sample), (is_copy_paste_dataset, register_copy_paste))

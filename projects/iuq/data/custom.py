@@ -27,11 +27,11 @@ def parse_dataset_spec(spec):
 
 
 def _made_by_the_project(name):
-    """Whether ``name`` is a dataset train_net registers itself when a config names it (the
-    quickstart, its panoptic twin, the LVIS sample), registered or not yet."""
-    from . import is_lvis_sample_dataset, is_panoptic_quickstart_dataset, is_quickstart_dataset
+    """Whether ``name`` is a dataset train_net registers itself when a config names it
+    (``iuq.data.project_datasets``), registered or not yet."""
+    from . import project_datasets
 
-    return any(f(name) for f in (is_quickstart_dataset, is_panoptic_quickstart_dataset, is_lvis_sample_dataset))
+    return any(is_ours(name) for is_ours, _ in project_datasets())
 
 
 def register_datasets(specs):

@@ -154,7 +154,11 @@ def test_it_trains_as_mask2former_trains(forward, monkeypatch):
     embeddings = {id(m.weight) for m in trainer.model.modules() if isinstance(m, torch.nn.Embedding)}
     assert embeddings and all(g["weight_decay"] == 0.0 for g in opt.param_groups if id(g["params"][0]) in embeddings)
     monkeypatch.setattr(iuq.engine.trainer, "build_detection_train_loader", lambda cfg, mapper, dataset: mapper)
-    assert isinstance(trainer.build_train_loader(trainer.cfg).mapper, COCOInstanceNewBaselineDatasetMapper)
+    from iuq.data.mapper import NamedRecordErrors
+
+    loader_mapper = trainer.build_train_loader(trainer.cfg)  # names a bad record, then maps as Mask2Former does
+    assert isinstance(loader_mapper, NamedRecordErrors) and not loader_mapper.skip
+    assert isinstance(loader_mapper.mapper.mapper, COCOInstanceNewBaselineDatasetMapper)
     # Full-model clipping: the step sees the whole model's gradient at norm CLIP_VALUE (0.01).
     opt.zero_grad()
     loss_dict, _ = trainer.forward_losses(forward.batch)

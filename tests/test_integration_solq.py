@@ -160,7 +160,11 @@ def test_it_trains_as_solq_trains(trainer, monkeypatch):
     assert "backbone.0.body.layer1.0.conv1.weight" not in lrs  # SOLQ freezes the stem and layer1
     assert {g["weight_decay"] for g in opt.param_groups} == {1e-4}
     monkeypatch.setattr(iuq.engine.trainer, "build_detection_train_loader", lambda cfg, mapper, dataset: mapper)
-    assert isinstance(trainer.build_train_loader(trainer.cfg).__dict__.get("mapper"), SOLQDatasetMapper)
+    from iuq.data.mapper import NamedRecordErrors
+
+    loader_mapper = trainer.build_train_loader(trainer.cfg)
+    assert isinstance(loader_mapper, NamedRecordErrors) and not loader_mapper.skip
+    assert isinstance(loader_mapper.mapper, SOLQDatasetMapper)
 
 
 @pytest.mark.parametrize("which", ["all", "mixed"])

@@ -113,7 +113,11 @@ def test_it_trains_as_sparseinst_trains(forward, monkeypatch):
     decays = {g["weight_decay"] for g in opt.param_groups}
     assert decays == {0.0, 0.05}  # no decay on norms, SparseInst's 0.05 elsewhere
     monkeypatch.setattr(iuq.engine.trainer, "build_detection_train_loader", lambda cfg, mapper, dataset: mapper)
-    assert isinstance(forward.trainer.build_train_loader(forward.trainer.cfg), SparseInstDatasetMapper)
+    from iuq.data.mapper import NamedRecordErrors
+
+    loader_mapper = forward.trainer.build_train_loader(forward.trainer.cfg)
+    assert isinstance(loader_mapper, NamedRecordErrors) and not loader_mapper.skip
+    assert isinstance(loader_mapper.mapper, SparseInstDatasetMapper)
     assert forward.trainer.cfg.MODEL.DEVICE == "cpu"  # its config function's "cuda" does not win
 
 

@@ -61,6 +61,15 @@ def add_iuq_config(cfg):
     # instance (CondInst: its positive with the highest FCOS centerness target; SOLOv2 / SOTR:
     # its first positive grid cell; Mask2Former / SparseInst: the matched query, already one).
     cfg.MODEL.IUQ.INTER.QUERIES = "all"
+    # A bound on L_inter's influence (issue 30; iuq/inter/bound.py): where the gradient the weighted
+    # loss_inter sends to the parameters that produce the queries (the query head's last layer) is
+    # more than GRAD_BOUND times the base model's losses' gradient there, L_inter's whole gradient
+    # is scaled down to that bound for the step. Its value is never changed, and a step where the
+    # bound does not bite is the paper's step. 0 (default): off, the paper's setting. For training
+    # from random initialisation, where the base model's logits are large on every pixel and
+    # L_inter's gradient at the kernels is ~200x the base's (SOLOv2 R50, docs/study.md), e.g. 1.
+    # Costs two extra partial backward passes (to those parameters only) a step.
+    cfg.MODEL.IUQ.INTER.GRAD_BOUND = 0.0
 
     # External memory of pixel samples from past batches (a FIFO queue).
     cfg.MODEL.IUQ.MEMORY = CN()
@@ -166,6 +175,7 @@ def validate_iuq_config(cfg):
     _check_number(node, "INTER.CHUNK_SIZE", low=0, integer=True, strict=True)
     _check_choice(node, "INTER.ALPHA_WEIGHTS", ALPHA_WEIGHTS)
     _check_choice(node, "INTER.QUERIES", INTER_QUERIES)
+    _check_number(node, "INTER.GRAD_BOUND")
     _check_number(node, "WARMUP_ITERS", integer=True)
 
     _check_number(node, "MEMORY.SIZE", integer=True)

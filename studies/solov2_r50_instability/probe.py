@@ -74,9 +74,11 @@ def build(args):
 
             self._probe = None
             self._cap = None
+            self.inter_bound = (None, None)  # (ratio, scale) where MODEL.IUQ.INTER.GRAD_BOUND is on
             loss_dict, samples = super().forward_losses(batch)
             row = {k: float(v) for k, v in loss_dict.items()}
             row["ramp"] = self.iuq_weight_factor()
+            row["inter_grad_ratio"], row["inter_grad_scale"] = self.inter_bound
             probe = self._probe
             if probe is not None:
                 cap = probe["cap"]
@@ -104,7 +106,7 @@ def build(args):
                 params = {"kernel": [self.model.ins_head.kernel_pred.weight, self.model.ins_head.kernel_pred.bias],
                           "feature": [m.weight for m in self.model.mask_head.conv_pred.modules()
                                       if isinstance(m, torch.nn.Conv2d)]}
-                for part, wrt in params.items():
+                for part, wrt in (params.items() if args.grads else ()):
                     grads = {}
                     for name, value in (("inter_raw", probe["raw"]), ("ins", loss_dict.get("loss_ins"))):
                         if value is None or not value.requires_grad:
@@ -134,6 +136,8 @@ def main():
     p.add_argument("--steps", type=int, default=13)
     p.add_argument("--variant", choices=sorted(VARIANTS), default="iuq")
     p.add_argument("--tag", default="", help="a name for the extra overrides, recorded in each row")
+    p.add_argument("--no-grads", dest="grads", action="store_false",
+                   help="skip the four gradient measurements (the long runs: a step costs ~2x without)")
     p.add_argument("--out", default=str(HERE / "probes.jsonl"))
     p.add_argument("--output", default="output/solov2_r50_probe")
     p.add_argument("opts", nargs=argparse.REMAINDER)

@@ -76,6 +76,10 @@ def count_dead_steps(p, dead_steps):
             "(MODEL.IUQ.WARMUP_ITERS, e.g. 1000) over the learning rate's warm-up "
             "(SOLVER.WARMUP_ITERS the same, SOLVER.WARMUP_FACTOR 0.01) to a learning rate scaled "
             "to the batch, as the SOLOv2 and SOTR recipes do: that kept the masks alive on every "
-            "seed of our runs, from random initialisation and from a trained trunk."
+            "seed of our runs, from random initialisation and from a trained trunk. Where a ramp is "
+            "not enough (the real SOLOv2 R50 from random initialisation), bound L_inter's influence: "
+            "MODEL.IUQ.INTER.GRAD_BOUND 1 caps its gradient at the query head at the base losses' "
+            "(its value and every step where it stays below are unchanged; docs/study.md, "
+            "'A bound on L_inter's influence')."
         )
     return dead_steps

@@ -5,6 +5,7 @@ captured, the base losses as the model defines them, ``loss_inter`` against the 
 ``loss_equi`` against the transformed embeddings, backward, memory update, step.
 Nothing of IUQ lives in the model: its weights are the stock model's.
 """
+import logging
 import random
 import time
 from contextlib import nullcontext
@@ -14,6 +15,7 @@ from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_trai
 from detectron2.engine import AMPTrainer, DefaultTrainer
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 
 from ..adapters import adapter_class, adapter_class_or_none, build_adapter
 from ..adapters.base import one_query_per_instance
@@ -28,6 +30,7 @@ from ..equi.transforms import valid_cells
 from ..equi.views import add_views
 from ..evaluation.evaluators import build_evaluator
 from ..evaluation.measures import IUQMeasures
+from ..inter.bound import bound_influence, nearest_parameters
 from ..inter.images import ImageMemory, image_inter_loss
 from ..inter.losses import inter_scene_loss
 from ..inter.memory import PixelMemory
@@ -40,6 +43,8 @@ from .models import check_num_classes
 # Queries of a view decoded at once by the equivariance loss: bounds its transient memory (CondInst:
 # ~10 maps of the view's size per query) while keeping the per-chunk overhead small.
 EQUI_QUERY_CHUNK = 32
+
+logger = logging.getLogger(__name__)
 
 
 class IUQTrainer(DefaultTrainer):
@@ -170,9 +175,37 @@ class IUQTrainer(DefaultTrainer):
             else:
                 loss_dict["loss_inter"], samples = self.inter_loss(captured, originals, batch, image_ids, masks)
             loss_dict["loss_inter"] = loss_dict["loss_inter"] * ramp
+            if self.iuq_cfg.INTER.GRAD_BOUND > 0:  # its gradient at the query head capped (value unchanged)
+                loss_dict["loss_inter"] = self.bounded_inter_loss(loss_dict, captured)
         if equi:
             loss_dict["loss_equi"] = self.equi_loss(captured, views, num_originals, regions) * ramp
         return loss_dict, samples
+
+    def bounded_inter_loss(self, loss_dict, cap):
+        """``loss_dict["loss_inter"]`` with its gradient at most ``INTER.GRAD_BOUND`` times the base
+        losses' (the entries other than IUQ's) at the parameters nearest the queries
+        (``iuq.inter.bound``); logs ``iuq/inter_grad_ratio`` (before the bound) and
+        ``iuq/inter_grad_scale``."""
+        loss = loss_dict["loss_inter"]
+        base = [v for k, v in loss_dict.items() if k not in ("loss_inter", "loss_equi")]
+        params = nearest_parameters(cap.queries, self.model)
+        if not base or not params:
+            return loss
+        if not getattr(self, "_bound_logged", False):
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            logger.info(f"IUQ: MODEL.IUQ.INTER.GRAD_BOUND {self.iuq_cfg.INTER.GRAD_BOUND} compares gradients at "
+                        f"{', '.join(names.get(id(p), '?') for p in params)}")
+            self._bound_logged = True
+        loss, ratio, scale = bound_influence(loss, sum(base), params, self.iuq_cfg.INTER.GRAD_BOUND)
+        self.inter_bound = (ratio, scale)
+        try:
+            storage = get_event_storage()
+            if ratio is not None:
+                storage.put_scalar("iuq/inter_grad_ratio", ratio)
+            storage.put_scalar("iuq/inter_grad_scale", scale)
+        except AssertionError:  # outside train(): no event storage
+            pass
+        return loss
 
     def iuq_weight_factor(self):
         """MODEL.IUQ.WARMUP_ITERS: min(1, (iter + 1) / WARMUP_ITERS), 1 without warm-up."""

@@ -1,0 +1,85 @@
+"""A bound on L_inter's influence (``MODEL.IUQ.INTER.GRAD_BOUND``): issue 30.
+
+Why: against the all-zero target, the focal loss of a negative is linear in its logit once the
+logit is large, and its derivative tends to 1 - alpha. When the base model's logits are large on
+every pixel (random initialisation, or a bad step of an unstable recipe), every negative fires,
+every one of them sends a gradient of the same sign, and at the queries L_inter's gradient is
+hundreds of times the base mask loss's: measured on the real SOLOv2 R50 from random
+initialisation, 553 vs 2.7 at the kernel head's last conv at step 0 (``studies/
+solov2_r50_instability``). Even ramped to 0.5 % of its weight it then drives every kernel's logits
+down together, and the masks die for good (the sigmoid is flat there; docs/study.md).
+
+What: per step, the gradient of the (weighted, ramped) ``loss_inter`` and the gradient of the base
+model's own losses are measured at the parameters that produce the queries (``params``: the
+query head's last layer, ``nearest_parameters``). Where the first is more than ``bound`` times
+the second, L_inter's whole gradient (everywhere, not only at those parameters) is scaled by
+``bound * |g_base| / |g_inter|``; elsewhere nothing changes. The loss's *value* is never changed
+(what is logged and summed is the same number; only backward sees the scale), so a step where the
+bound does not bite is exactly the paper's step. It is a per-loss gradient-norm bound as in
+multi-task training (GradNorm, Chen et al. 2018, balances such norms; here they are only capped).
+
+Framework-independent: torch only.
+"""
+import torch
+
+
+def nearest_parameters(tensor, model):
+    """The trainable parameters of the layer (a submodule of ``model``) that produces ``tensor``:
+    the owner of the first trainable parameter met walking ``tensor``'s autograd graph back from
+    it, breadth first (SOLOv2: its kernel head's last conv, weight and bias). [] if ``tensor`` has
+    no graph or reaches none of ``model``'s parameters."""
+    owner = {id(p): m for m in model.modules() for p in m.parameters(recurse=False) if p.requires_grad}
+    frontier, seen, alive = [tensor.grad_fn], set(), []  # alive: no id reused by a freed wrapper
+    while frontier:
+        following = []
+        for node in frontier:
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            alive.append(node)
+            variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+            if variable is not None:
+                if id(variable) in owner:
+                    return [p for p in owner[id(variable)].parameters(recurse=False) if p.requires_grad]
+                continue
+            following.extend(next_node for next_node, _ in node.next_functions)
+        frontier = following
+    return []
+
+
+def _norm(grads):
+    squares = [g.float().pow(2).sum() for g in grads if g is not None]
+    return torch.stack(squares).sum().sqrt() if squares else None
+
+
+def gradient_ratio(loss, reference, params):
+    """|d loss / d params| / |d reference / d params| (Frobenius over all of ``params``), without
+    touching any ``.grad`` (both graphs are kept for the step's backward). None where the reference
+    sends no gradient to ``params``; 0 where ``loss`` sends none."""
+    if not params:
+        return None
+    own = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if loss.requires_grad else ()
+    base = torch.autograd.grad(reference, params, retain_graph=True, allow_unused=True) \
+        if reference.requires_grad else ()
+    base_norm, own_norm = _norm(base), _norm(own)
+    if base_norm is None or float(base_norm) == 0.0:
+        return None
+    return 0.0 if own_norm is None else float(own_norm / base_norm)
+
+
+def with_gradient_scale(loss, scale):
+    """``loss`` with the same value whose gradient is ``scale`` times its own (scale 1: ``loss``
+    itself, the very tensor)."""
+    if scale >= 1.0:
+        return loss
+    return loss * scale + (loss * (1.0 - scale)).detach()
+
+
+def bound_influence(loss, reference, params, bound):
+    """(loss with the same value and a gradient at most ``bound`` times the reference's at
+    ``params``, the ratio before the bound or None, the scale applied). ``reference``: the base
+    model's summed losses. Where the reference sends no gradient to ``params`` (no query, or the
+    base losses do not reach them this step) the loss is left as it is."""
+    ratio = gradient_ratio(loss, reference, params)
+    scale = 1.0 if ratio is None or ratio <= bound else bound / ratio
+    return with_gradient_scale(loss, scale), ratio, scale

@@ -78,7 +78,7 @@ def count_dead_steps(p, dead_steps):
             "to the batch, as the SOLOv2 and SOTR recipes do: that kept the masks alive on every "
             "seed of our runs, from random initialisation and from a trained trunk. Where a ramp is "
             "not enough (the real SOLOv2 R50 from random initialisation), bound L_inter's influence: "
-            "MODEL.IUQ.INTER.GRAD_BOUND 1 caps its gradient at the query head at the base losses' "
+            "MODEL.IUQ.INTER.GRAD_BOUND 1.0 caps its gradient at the query head at the base losses' "
             "(its value and every step where it stays below are unchanged; docs/study.md, "
             "'A bound on L_inter's influence')."
         )

@@ -65,10 +65,11 @@ def add_iuq_config(cfg):
     # loss_inter sends to the parameters that produce the queries (the query head's last layer) is
     # more than GRAD_BOUND times the base model's losses' gradient there, L_inter's whole gradient
     # is scaled down to that bound for the step. Its value is never changed, and a step where the
-    # bound does not bite is the paper's step. 0 (default): off, the paper's setting. For training
-    # from random initialisation, where the base model's logits are large on every pixel and
-    # L_inter's gradient at the kernels is ~200x the base's (SOLOv2 R50, docs/study.md), e.g. 1.
-    # Costs two extra partial backward passes (to those parameters only) a step.
+    # bound does not bite is the paper's step. 0 (default): off, the paper's setting. From random
+    # initialisation, where the base model's logits are large on every pixel and L_inter's raw
+    # gradient at the kernels is ~200x the base's (SOLOv2 R50), 0.3 kept the slim SOLOv2's masks
+    # on 4 seeds of 5 where the paper's setting lost them on all 5 (docs/study.md, "A bound on
+    # L_inter's influence"). Costs two partial backward passes (to that layer only) a step.
     cfg.MODEL.IUQ.INTER.GRAD_BOUND = 0.0
 
     # External memory of pixel samples from past batches (a FIFO queue).

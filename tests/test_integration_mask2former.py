@@ -296,6 +296,6 @@ def test_train_step_benchmark_has_a_mask2former_row():
     per_step, per_iter = out.stdout.split("Per iteration")
     both = next(line for line in per_step.splitlines() if line.split()[:2] == ["Mask2Former", "both"])
     time_x, in_step_x = float(both.split("|")[1].split()[1]), float(both.split("|")[2].split()[0])
-    assert 0.2 < time_x < 5 and in_step_x > 1.0, both
+    assert time_x > 0 and in_step_x > 1.0, both  # no time bound: no timed tests
     twin = next(line for line in per_iter.splitlines() if line.split()[:2] == ["Mask2Former", "twin"])
     assert twin.split("|")[1].split() == ["2"]

@@ -146,3 +146,12 @@ def test_batches_with_images_without_instances_train(tmp_path):
     seen = check_trains_through_empty_images(IUQTrainer(cfg), "coco_2017_val", "loss_ins", "loss_cate")
     assert seen == {"none empty", "some empty", "all empty"}
     gc.collect()
+
+
+def test_the_gradient_bound_measures_at_the_kernel_head(tmp_path):
+    """MODEL.IUQ.INTER.GRAD_BOUND on SOTR: measured at the Linear that makes the kernels (its twin
+    transformer's ``cate_head.kernel_pred``), the gradient scaled and the value kept. (At this
+    test's first step, full weight, the weighted L_inter's gradient there is ~76x the base losses'.)"""
+    from bound_support import check_bound_at_query_head
+
+    check_bound_at_query_head(args_for, ["cate_head.kernel_pred.weight", "cate_head.kernel_pred.bias"], tmp_path)

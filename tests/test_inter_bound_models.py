@@ -2,12 +2,14 @@
 ``test_inter_bound.py``): it measures at the layer that makes the queries, it never changes a
 loss's value, and where it does not bite a run is the paper's run, parameter for parameter."""
 import random
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
 from adelaidet_support import require_adelaidet, small_cfg
+from bound_support import check_bound_at_query_head
 
 require_adelaidet()
 
@@ -50,31 +52,9 @@ def train(trainer, steps):
 
 @pytest.mark.parametrize("name", sorted(QUERY_HEADS))
 def test_it_measures_at_the_query_head_and_keeps_the_value(name, tmp_path):
-    trainer = build(name, tmp_path, "MODEL.IUQ.INTER.GRAD_BOUND", "1e-6")
-    names = {id(p): n for n, p in trainer.model.named_parameters()}
-    seen = {}
-    bounded = trainer.bounded_inter_loss
+    import test_train_net_cli  # its train_net arguments: the small settings, through train_net.setup
 
-    def spy(loss_dict, cap):
-        from iuq.inter.bound import nearest_parameters
-
-        seen["params"] = [names[id(p)] for p in nearest_parameters(cap.queries, trainer.model)]
-        seen["before"] = loss_dict["loss_inter"]
-        out = bounded(loss_dict, cap)
-        seen["after"] = out
-        return out
-
-    trainer.bounded_inter_loss = spy
-    with EventStorage(0):
-        trainer.forward_losses(next(trainer._trainer._data_loader_iter))
-    assert sorted(seen["params"]) == sorted(QUERY_HEADS[name])
-    ratio, scale = trainer.inter_bound
-    assert ratio > 1e-6 and scale == pytest.approx(1e-6 / ratio)  # the bound bites: the gradient is scaled
-    assert float(seen["after"]) == float(seen["before"])  # the value is not
-    weight = trainer.model.get_parameter(QUERY_HEADS[name][0])
-    (full,) = torch.autograd.grad(seen["before"], weight, retain_graph=True)
-    (got,) = torch.autograd.grad(seen["after"], weight, retain_graph=True)
-    torch.testing.assert_close(got, full * scale)
+    check_bound_at_query_head(partial(test_train_net_cli.args_for, name), QUERY_HEADS[name], tmp_path)
 
 
 def test_where_it_does_not_bite_the_run_is_the_papers(tmp_path):

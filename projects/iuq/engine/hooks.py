@@ -19,6 +19,17 @@ DEAD_MASK_STEPS = 20
 DEAD_MASK_QUERIES = 8
 
 
+def put_scalars(scalars):
+    """Log ``scalars`` ({name: float}) to detectron2's event storage where one is open (inside
+    ``train()``); outside it (a test or a probe stepping the trainer by hand) nothing."""
+    try:
+        storage = get_event_storage()
+    except AssertionError:  # no event storage
+        return
+    for name, value in scalars.items():
+        storage.put_scalar(name, value)
+
+
 class PeakMemory(HookBase):
     """Logs ``peak_mem_mb`` every 20 iterations: on CUDA the peak of allocated tensor memory
     (``torch.cuda.max_memory_allocated``), on CPU the process's peak resident set (which also
@@ -54,10 +65,7 @@ def count_dead_steps(p, dead_steps):
     """Log ``iuq/own_mask_p`` (the mean of ``p``, from ``own_mask_probability``) and return the
     count of consecutive dead steps after this one (every mask off: mean sigmoid < DEAD_MASK_P on
     its own instance), warning once when it reaches DEAD_MASK_STEPS and once when they are back."""
-    try:
-        get_event_storage().put_scalar("iuq/own_mask_p", float(p.mean()))
-    except AssertionError:  # outside train(): no event storage
-        pass
+    put_scalars({"iuq/own_mask_p": float(p.mean())})
     dead = float(p.max()) < DEAD_MASK_P
     if not dead and dead_steps >= DEAD_MASK_STEPS:
         logger.warning(f"IUQ: the masks are alive again after {dead_steps} dead steps")

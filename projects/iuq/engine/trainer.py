@@ -15,7 +15,6 @@ from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_trai
 from detectron2.engine import AMPTrainer, DefaultTrainer
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
-from detectron2.utils.events import get_event_storage
 
 from ..adapters import adapter_class, adapter_class_or_none, build_adapter
 from ..adapters.base import one_query_per_instance
@@ -36,7 +35,7 @@ from ..inter.losses import inter_scene_loss
 from ..inter.memory import PixelMemory
 from ..inter.samples import masks_on_grid, sample_pixels
 from ..inter.stuff import stuff_classes_of, stuff_flags
-from .hooks import PeakMemory, count_dead_steps, own_mask_probability
+from .hooks import PeakMemory, count_dead_steps, own_mask_probability, put_scalars
 from .launch import cpu_ddp_support
 from .models import check_num_classes
 
@@ -198,13 +197,7 @@ class IUQTrainer(DefaultTrainer):
             self._bound_logged = True
         loss, ratio, scale = bound_influence(loss, sum(base), params, self.iuq_cfg.INTER.GRAD_BOUND)
         self.inter_bound = (ratio, scale)
-        try:
-            storage = get_event_storage()
-            if ratio is not None:
-                storage.put_scalar("iuq/inter_grad_ratio", ratio)
-            storage.put_scalar("iuq/inter_grad_scale", scale)
-        except AssertionError:  # outside train(): no event storage
-            pass
+        put_scalars({"iuq/inter_grad_scale": scale, **({} if ratio is None else {"iuq/inter_grad_ratio": ratio})})
         return loss
 
     def iuq_weight_factor(self):

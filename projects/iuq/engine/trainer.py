@@ -70,6 +70,9 @@ class IUQTrainer(DefaultTrainer):
         # Views are drawn per rank (like the data), reproducibly when SEED is set.
         self.view_rng = random.Random((cfg.SEED if cfg.SEED >= 0 else random.getrandbits(32)) + comm.get_rank())
         self.dead_steps = 0  # consecutive steps whose masks are all off (see own_mask_probability)
+        # INTER.GRAD_BOUND: the last step's (ratio before the bound or None, scale), and whether the
+        # layer it measures at has been logged
+        self.inter_bound, self._bound_logged = (None, 1.0), False
         # Which contiguous classes are stuff (panoptic data; none for instance segmentation).
         train = cfg.DATASETS.TRAIN
         self.stuff = stuff_flags(MetadataCatalog.get(train[0])) if train else torch.zeros(0, dtype=torch.bool)
@@ -190,7 +193,7 @@ class IUQTrainer(DefaultTrainer):
         params = nearest_parameters(cap.queries, self.model)
         if not base or not params:
             return loss
-        if not getattr(self, "_bound_logged", False):
+        if not self._bound_logged:
             names = {id(p): n for n, p in self.model.named_parameters()}
             logger.info(f"IUQ: MODEL.IUQ.INTER.GRAD_BOUND {self.iuq_cfg.INTER.GRAD_BOUND} compares gradients at "
                         f"{', '.join(names.get(id(p), '?') for p in params)}")

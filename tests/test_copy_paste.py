@@ -17,6 +17,7 @@ from iuq.data.copy_paste import (  # noqa: E402
     generate_copy_paste_split,
     is_copy_paste_dataset,
     make_copy_paste,
+    objects_json,
     register_copy_paste,
     split_image_ids,
 )
@@ -159,6 +160,46 @@ def test_named_datasets_are_built_once_and_registered(tmp_path):
             if n in DatasetCatalog.list():
                 DatasetCatalog.remove(n)
                 MetadataCatalog.remove(n)
+
+
+def test_the_objects_twin_is_the_same_scenes_in_one_category(built, tmp_path):
+    _, data = built
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(data["val"]))
+    out = objects_json(str(path))
+    assert out == str(tmp_path / "val_objects.json")
+    twin = json.loads(Path(out).read_text())
+    assert twin["categories"] == [{"id": 1, "name": "object", "supercategory": "object"}]
+    assert twin["images"] == data["val"]["images"]
+    assert len(twin["annotations"]) == len(data["val"]["annotations"]) > 0
+    for a, b in zip(twin["annotations"], data["val"]["annotations"]):
+        assert a["category_id"] == 1 and a["source_category_id"] == b["category_id"]
+        assert {k: v for k, v in a.items() if k not in ("category_id", "source_category_id")} == \
+            {k: v for k, v in b.items() if k != "category_id"}
+    assert len({b["category_id"] for b in data["val"]["annotations"]}) > 1  # the twin did merge classes
+    mtime = os.stat(out).st_mtime_ns
+    assert objects_json(str(path)) == out and os.stat(out).st_mtime_ns == mtime  # found, not rewritten
+    path.write_text(json.dumps({**data["val"], "annotations": data["val"]["annotations"][:1]}))  # the source changed
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+    assert len(json.loads(Path(objects_json(str(path))).read_text())["annotations"]) == 1
+
+
+def test_the_objects_datasets_register_with_one_class(tmp_path):
+    pytest.importorskip("detectron2")
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    assert is_copy_paste_dataset("iuq_copy_paste_objects_train") and is_copy_paste_dataset("iuq_copy_paste_objects_val_4")
+    name = "iuq_copy_paste_objects_val_2"
+    try:
+        register_copy_paste([name], root=str(tmp_path), **SMALL)
+        assert MetadataCatalog.get(name).json_file.endswith("val_objects.json")  # the evaluator's ground truth
+        dicts = DatasetCatalog.get(name)
+        assert len(dicts) == 2 and {a["category_id"] for r in dicts for a in r["annotations"]} == {0}
+        assert MetadataCatalog.get(name).thing_classes == ["object"]  # set by detectron2's loader
+    finally:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
 
 
 def test_the_tool_writes_both_splits(tmp_path):

@@ -121,6 +121,52 @@ def test_read_run_takes_the_last_evaluation_the_median_time_past_warmup_and_the_
         study.read_run(str(tmp_path / "nowhere"))
 
 
+def test_a_run_is_dead_when_its_masks_are_off_at_the_end():
+    dice = lambda tail: {"iteration": list(range(len(tail))), "loss_mask": tail}  # noqa: E731
+    assert study.masks_alive(_row("x", 0, 0.0, curves=dice([0.9, 0.8] + [1.0] * 5))) is False  # inter/seed0's shape
+    assert study.masks_alive(_row("x", 0, 0.0, curves=dice([1.0] * 5 + [0.3] * 3))) is True  # dead, then back
+    assert study.masks_alive(_row("x", 0, 0.0, curves=dice([0.3, 0.995, 0.996, 0.2, 0.997]))) is False  # median 0.995
+    row = _row("x", 0, 5.0, curves=dice([1.0] * 5))
+    row["metrics"]["iuq/own_mask_p"] = 0.73  # the monitor's reading wins over the curve
+    assert study.masks_alive(row) is True
+    row["metrics"]["iuq/own_mask_p"] = 0.0
+    assert study.masks_alive(row) is False
+    assert study.masks_alive(_row("x", 0, 5.0)) is None  # nothing to judge by
+    rows = [_row("baseline", 0, 10.0, curves=dice([0.3] * 5)), _row("baseline", 1, 12.0, curves=dice([0.3] * 5)),
+            _row("inter", 0, 0.0, curves=dice([1.0] * 5)), _row("inter", 1, 11.0, curves=dice([0.3] * 5))]
+    summaries = {s.variant: s for s in study.summarise(rows)}
+    assert summaries["inter"].alive == (1, 2) and summaries["baseline"].alive == (2, 2)
+    table = study.format_table(list(summaries.values()))
+    assert " alive " in table.splitlines()[0]
+    inter_line = next(line for line in table.splitlines() if line.startswith("| inter"))
+    assert "| 1/2 " in inter_line and "-5.50 [" in inter_line  # the dead seed counts at its AP: ((0 - 10) + (11 - 12)) / 2
+
+
+def test_the_stopping_rule_drops_only_a_mode_dead_at_every_seed():
+    dead, live = {"iteration": [0], "loss_mask": [1.0]}, {"iteration": [0], "loss_mask": [0.3]}
+    rows = [_row("inter", s, 0.0, curves=dead) for s in (0, 1, 2)] + [
+        _row("both", 0, 0.0, curves=dead), _row("both", 1, 0.0, curves=dead), _row("both", 2, 9.0, curves=live),
+        _row("equi", 0, 0.0, curves=dead), _row("equi", 1, 0.0, curves=dead),  # seed 2 not run yet
+        _row("inter@K=1", 0, 0.0, sweep=["K", "1"], curves=live)]
+    assert study.modes_alive(rows, ["baseline", "inter", "both", "equi"], [0, 1, 2]) == ["baseline", "both", "equi"]
+    assert study.modes_alive(rows, ["inter", "equi"], [0, 1]) == []
+
+
+def test_the_schedule_rule_on_hand_made_pilots(tmp_path):
+    # the textures pilot: +4.1 AP from 500 to 750 is 38% of 10.71, not levelled: the cap
+    assert study.schedule_from_pilot([(250, 2.57), (500, 6.61), (750, 10.71)], cap=1000) == 750  # reached no more
+    assert study.schedule_from_pilot([(250, 2.57), (500, 6.61), (750, 10.71), (1000, 12.0)], cap=1000) == 1000
+    # levelled at 750: 10.0 -> 10.5 is +0.5 < 0.1 * 10.5
+    assert study.schedule_from_pilot([(250, 4.0), (500, 10.0), (750, 10.5), (1000, 10.6)]) == 750
+    assert study.schedule_from_pilot([(250, 4.0), (500, 3.0), (750, 5.0)]) == 500  # a drop is no gain
+    with pytest.raises(ValueError, match="EVAL_PERIOD"):
+        study.schedule_from_pilot([])
+    lines = [{"iteration": 10, "total_loss": 1.0}, {"iteration": 249, "segm/AP": 2.0},
+             {"iteration": 499, "segm/AP": 5.0, "segm/AP50": 9.0}]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert study.pilot_evaluations(str(tmp_path)) == [(250, 2.0), (500, 5.0)]
+
+
 def test_table_and_figure(tmp_path):
     curves = {"iteration": [0, 10], "loss_mask": [1.0, 0.5], "loss_inter": [0.1, 0.05]}
     rows = [_row("baseline", 0, 10.0, curves=curves, sec_per_iter=0.3), _row("baseline", 1, 12.0, sec_per_iter=0.3),

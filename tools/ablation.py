@@ -10,6 +10,7 @@ intervals) and ``DIR/ablation.png``.
         --modes baseline both --seeds 0 1 --output-dir output/condinst_r50 SOLVER.MAX_ITER 20000
     python tools/ablation.py ... --sweep MODEL.IUQ.MEMORY.SIZE 0 1000 10000    # Tables 4a-c, 4e
     python tools/ablation.py ... --report              # the table and figure of what has finished
+    python tools/ablation.py ... --drop-dead 0 1 2 --modes inter both   # prints the modes not dead on all 3
 
 Modes (``--list-modes`` prints them): baseline, augment, feature, inter, equi, both, and the
 compute-matched ``augment_matched`` / ``equi_matched`` / ``both_matched`` (the views count toward
@@ -60,7 +61,12 @@ def parse_args(argv=None):
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once on this machine (each with cores / jobs threads)")
     parser.add_argument("--no-measures", action="store_true", help="COCO AP only (no MODEL.IUQ.MEASURES)")
+    parser.add_argument("--references", nargs="+", default=["baseline", "augment"],
+                        help="modes every variant is compared with (paired by seed)")
     parser.add_argument("--report", action="store_true", help="print the table and draw the figure, run nothing")
+    parser.add_argument("--drop-dead", nargs="+", type=int, metavar="SEED",
+                        help="run nothing: print the --modes whose masks did not die at every one of these seeds "
+                             "(a stopping rule: iuq.study.masks_alive)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do")
     parser.add_argument("--list-modes", action="store_true")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="overrides for every run: KEY VALUE or KEY=VALUE")
@@ -205,6 +211,10 @@ def main(argv=None):
     runs = study.plan_runs(args.modes, args.seeds, sweep)
     results = os.path.join(args.output_dir, "results.jsonl")
     fingerprint = study.study_fingerprint(args.config_file, common_overrides(args), args.num_gpus)
+    if args.drop_dead:
+        rows = [r for r in study.load_results(results) if r.get("study") == fingerprint]
+        print(" ".join(study.modes_alive(rows, args.modes, args.drop_dead)))
+        return 0
     done = study.done_keys(study.load_results(results), fingerprint)
     todo = [r for r in runs if r.key not in done]
     failed = []
@@ -219,11 +229,11 @@ def main(argv=None):
     if args.dry_run:
         return 0
     rows = study.load_results(results)
-    summaries = study.summarise(rows, fingerprint)
+    summaries = study.summarise(rows, fingerprint, references=tuple(args.references))
     if not summaries:
         print("[ablation] no finished run yet")
         return 1 if failed else 0
-    print(study.format_tables(summaries))
+    print(study.format_tables(summaries, tuple(args.references)))
     figure = os.path.join(args.output_dir, "ablation.png")
     study.plot_study(rows, summaries, figure, fingerprint)
     print(f"[ablation] figure: {figure}")

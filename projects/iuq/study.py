@@ -187,6 +187,33 @@ def paired_difference(a, b, confidence=0.95):
     return m, t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n), n
 
 
+def masks_alive(row, floor=0.05, dead_dice=0.99, tail=5):
+    """Whether a run ended with live masks (True), with every mask off (False: the dead-mask
+    failure, docs/study.md), or None when its row says neither. Read from the last training
+    reading of the own-instance probability ``iuq/own_mask_p`` (IUQ runs: dead below ``floor``),
+    else from the base dice loss ``loss_mask`` (CondInst's, in [0, 1]: dead when the median of its
+    last ``tail`` logged values is ``dead_dice`` or more, i.e. no mask fires anywhere)."""
+    p = value_of(row, "iuq/own_mask_p")
+    if p is not None:
+        return p >= floor
+    curve = [v for v in (row.get("curves") or {}).get("loss_mask", []) if v is not None][-tail:]
+    if not curve:
+        return None
+    return _median(curve) < dead_dice
+
+
+def modes_alive(rows, modes, seeds):
+    """``modes`` less those whose (unswept) runs at every one of ``seeds`` ended dead
+    (``masks_alive`` False): the stopping rule of a study that stops running a mode which kills
+    training. A mode missing a seed, or whose death cannot be judged, is kept."""
+    keep = []
+    for mode in modes:
+        verdicts = {int(r["seed"]): masks_alive(r) for r in rows if r["variant"] == mode}
+        if not all(verdicts.get(int(s)) is False for s in seeds):
+            keep.append(mode)
+    return keep
+
+
 @dataclass
 class VariantSummary:
     variant: str
@@ -194,6 +221,7 @@ class VariantSummary:
     seeds: list
     stats: dict = field(default_factory=dict)  # metric -> (mean, std)
     diffs: dict = field(default_factory=dict)  # (reference, metric) -> (mean, half-width, n)
+    alive: tuple = (0, 0)  # (runs whose masks lived, runs ``masks_alive`` could judge)
 
 
 def summarise(rows, fingerprint=None, references=("baseline", "augment"), metrics=None, diff_metrics=("segm/AP",)):
@@ -217,6 +245,8 @@ def summarise(rows, fingerprint=None, references=("baseline", "augment"), metric
     out = []
     for v, rs in by_variant.items():
         s = VariantSummary(v, rs[0]["mode"], sorted({int(r["seed"]) for r in rs}))
+        judged = [a for a in (masks_alive(r) for r in rs) if a is not None]
+        s.alive = (sum(judged), len(judged))
         for m in metrics:
             s.stats[m] = mean_std(list(per_seed[v][m].values()))
         for ref in references:
@@ -267,7 +297,8 @@ def _fmt_diff(d):
 def format_table(summaries, references=("baseline", "augment"), metrics=None, diffs=True):
     """The study's table as text (tabulate's "pipe" format, so it pastes into a README):
     mean ± std over seeds of ``metrics`` (default: every metric some variant has); with
-    ``diffs``, 'Δ AP vs ref': the paired difference in segm AP with its 95% CI."""
+    ``diffs``, 'Δ AP vs ref': the paired difference in segm AP with its 95% CI, and 'alive': the
+    runs whose masks lived out of those judged (``masks_alive``; a dead run counts at its AP)."""
     from tabulate import tabulate
 
     if metrics is None:
@@ -275,6 +306,8 @@ def format_table(summaries, references=("baseline", "augment"), metrics=None, di
         for s in summaries:
             metrics += [m for m in s.stats if m not in metrics and math.isfinite(s.stats[m][0])]
     headers = ["variant", "seeds"] + [_short(m) for m in metrics]
+    alive = diffs and any(s.alive[1] for s in summaries)
+    headers += ["alive"] if alive else []
     headers += [f"Δ AP vs {r} [95% CI]" for r in references] if diffs else []
     table = []
     for s in summaries:
@@ -283,6 +316,8 @@ def format_table(summaries, references=("baseline", "augment"), metrics=None, di
             mean, std = s.stats.get(m, (math.nan, math.nan))
             digits = 3 if m.startswith("iuq/") or m == "sec_per_iter" else (0 if m in ("peak_mem_mb", "images_per_iter") else 2)
             row.append(_fmt(mean, std, digits))
+        if alive:
+            row.append(f"{s.alive[0]}/{s.alive[1]}" if s.alive[1] else "-")
         for ref in references if diffs else ():
             d = s.diffs.get((ref, "segm/AP"))
             row.append(_fmt_diff(d) if d else "")
@@ -346,6 +381,36 @@ def read_run(output_dir, warmup_fraction=0.1):
         "iters": last_iter + 1,
         "curves": curves,
     }
+
+
+def pilot_evaluations(output_dir, metric="segm/AP"):
+    """[(iterations trained, value)] of every evaluation in a run's ``metrics.json`` (a pilot
+    with ``TEST.EVAL_PERIOD``): detectron2 writes the evaluation after iteration i (0-based) at
+    ``iteration`` i, so i + 1 iterations had trained."""
+    out = []
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        for line in f:
+            try:
+                e = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if metric in e and isinstance(e[metric], (int, float)):
+                out.append((int(e["iteration"]) + 1, float(e[metric])))
+    return sorted(dict(out).items())
+
+
+def schedule_from_pilot(evaluations, rel_gain=0.1, cap=None):
+    """The schedule rule of the studies' protocol: N = the first evaluation whose gain over the
+    previous one is below ``rel_gain`` of its value (the baseline has levelled off), else the
+    last evaluation (or ``cap``, the CPU budget's, when given and the pilot reached it).
+    ``evaluations``: [(iterations, AP)] in order. Returns N."""
+    if not evaluations:
+        raise ValueError("The pilot has no evaluation: train it with TEST.EVAL_PERIOD set")
+    for (_, prev), (it, ap) in zip(evaluations, evaluations[1:]):
+        if ap - prev < rel_gain * ap:
+            return it if cap is None else min(it, cap)
+    last = evaluations[-1][0]
+    return last if cap is None else min(last, cap)
 
 
 def _median(values):

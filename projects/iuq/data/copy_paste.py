@@ -36,8 +36,10 @@ Registered datasets (``register_copy_paste``, called by ``train_net.py`` for the
 finds): ``iuq_copy_paste_train`` (1000 scenes) and ``iuq_copy_paste_val`` (200), or
 ``iuq_copy_paste_{train,val}_N`` for N scenes, built on first use from COCO val2017 under
 ``$DETECTRON2_DATASETS/coco`` (the LVIS sample's source) into ``$IUQ_COPY_PASTE_ROOT`` (default
-``./datasets/iuq_copy_paste``). ``tools/make_copy_paste.py`` builds a set from any COCO-format
-data.
+``./datasets/iuq_copy_paste``). ``iuq_copy_paste_objects_{train,val}[_N]`` are the same scenes,
+class-agnostic: every instance is of one category, ``object`` (``objects_json``), for a study of
+mask quality that a small source's ~12 instances per class would otherwise drown in
+classification noise. ``tools/make_copy_paste.py`` builds a set from any COCO-format data.
 """
 import hashlib
 import json
@@ -58,6 +60,7 @@ __all__ = [
     "generate_copy_paste_split",
     "is_copy_paste_dataset",
     "make_copy_paste",
+    "objects_json",
     "register_copy_paste",
     "split_image_ids",
 ]
@@ -83,7 +86,8 @@ COPY_PASTE_DEFAULTS = dict(
 )
 DEFAULT_SCENES = {"train": 1000, "val": 200}
 SPLITS = ("train", "val")
-_NAME = re.compile(r"^iuq_copy_paste_(train|val)(?:_(\d+))?$")
+_NAME = re.compile(r"^iuq_copy_paste_(objects_)?(train|val)(?:_(\d+))?$")
+OBJECT_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 
 
 def default_copy_paste_root():
@@ -335,8 +339,31 @@ def generate_copy_paste_split(split, num_scenes, root=None, coco_json=None, imag
     return json_file, os.path.join(out_dir, split)
 
 
+def objects_json(json_file):
+    """The class-agnostic twin of a COCO instances json, written beside it once
+    (``<name>_objects.json``): the same images and annotations, every ``category_id`` 1, the one
+    category ``object``; each annotation keeps its category as ``source_category_id``. Rewritten
+    when ``json_file`` changed since. Returns its path."""
+    out = os.path.splitext(json_file)[0] + "_objects.json"
+    source = os.stat(json_file)
+    stamp = {"source": os.path.abspath(json_file), "source_size": source.st_size,
+             "source_mtime_ns": source.st_mtime_ns}
+    if _stamp_of(out) == stamp:
+        return out
+    with open(json_file) as f:
+        data = json.load(f)
+    data["annotations"] = [{**a, "category_id": OBJECT_CATEGORY["id"], "source_category_id": a["category_id"]}
+                           for a in data["annotations"]]
+    data["categories"] = [dict(OBJECT_CATEGORY)]
+    data["info"] = {**data.get("info", {}), "iuq_stamp": stamp}
+    payload = json.dumps(data, separators=(",", ":")).encode("utf-8")
+    _atomic_write(out, lambda f: f.write(payload), ".json")
+    return out
+
+
 def is_copy_paste_dataset(name):
-    """Whether ``name`` is ``iuq_copy_paste_train`` / ``_val``, optionally with ``_N`` scenes."""
+    """Whether ``name`` is ``iuq_copy_paste[_objects]_train`` / ``_val``, optionally with ``_N``
+    scenes."""
     return bool(_NAME.match(name))
 
 
@@ -350,10 +377,13 @@ def register_copy_paste(names=None, root=None, coco_json=None, image_dir=None, *
     for name in names:
         m = _NAME.match(name)
         if not m:
-            raise ValueError(f"{name!r} is not a copy-paste dataset (iuq_copy_paste_train[_N], iuq_copy_paste_val[_N])")
-        split = m.group(1)
-        n = int(m.group(2)) if m.group(2) else DEFAULT_SCENES[split]
+            raise ValueError(f"{name!r} is not a copy-paste dataset (iuq_copy_paste[_objects]_train[_N], "
+                             "iuq_copy_paste[_objects]_val[_N])")
+        objects, split = bool(m.group(1)), m.group(2)
+        n = int(m.group(3)) if m.group(3) else DEFAULT_SCENES[split]
         json_file, image_root = generate_copy_paste_split(split, n, root, coco_json, image_dir, **overrides)
+        if objects:
+            json_file = objects_json(json_file)
         if name in DatasetCatalog.list():
             if MetadataCatalog.get(name).get("json_file") == json_file:
                 continue

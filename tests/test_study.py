@@ -159,12 +159,15 @@ def test_the_schedule_rule_on_hand_made_pilots(tmp_path):
     # levelled at 750: 10.0 -> 10.5 is +0.5 < 0.1 * 10.5
     assert study.schedule_from_pilot([(250, 4.0), (500, 10.0), (750, 10.5), (1000, 10.6)]) == 750
     assert study.schedule_from_pilot([(250, 4.0), (500, 3.0), (750, 5.0)]) == 500  # a drop is no gain
+    # below the floor a drop is noise (testbed 2's pilot: 0.63, 0.34, 0.77 at 250-750)
+    assert study.schedule_from_pilot([(250, 0.63), (500, 0.34), (750, 0.77), (1000, 0.8)], cap=1000) == 1000
+    assert study.schedule_from_pilot([(250, 0.63), (500, 0.34)], floor=0.0) == 500
     with pytest.raises(ValueError, match="EVAL_PERIOD"):
         study.schedule_from_pilot([])
     lines = [{"iteration": 10, "total_loss": 1.0}, {"iteration": 249, "segm/AP": 2.0},
-             {"iteration": 499, "segm/AP": 5.0, "segm/AP50": 9.0}]
+             {"iteration": 499, "total_loss": 0.9}, {"iteration": 500, "segm/AP": 5.0, "segm/AP50": 9.0}]
     (tmp_path / "metrics.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    assert study.pilot_evaluations(str(tmp_path)) == [(250, 2.0), (500, 5.0)]
+    assert study.pilot_evaluations(str(tmp_path)) == [(250, 2.0), (500, 5.0)]  # the final one at MAX_ITER
 
 
 def test_table_and_figure(tmp_path):

@@ -385,29 +385,34 @@ def read_run(output_dir, warmup_fraction=0.1):
 
 def pilot_evaluations(output_dir, metric="segm/AP"):
     """[(iterations trained, value)] of every evaluation in a run's ``metrics.json`` (a pilot
-    with ``TEST.EVAL_PERIOD``): detectron2 writes the evaluation after iteration i (0-based) at
-    ``iteration`` i, so i + 1 iterations had trained."""
-    out = []
+    with ``TEST.EVAL_PERIOD``): detectron2 writes a periodic evaluation after iteration i (0-based)
+    at ``iteration`` i, so i + 1 iterations had trained, and the final one one past the last
+    training iteration."""
+    evals, last = [], -1
     with open(os.path.join(output_dir, "metrics.json")) as f:
         for line in f:
             try:
                 e = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if "total_loss" in e:
+                last = max(last, int(e["iteration"]))
             if metric in e and isinstance(e[metric], (int, float)):
-                out.append((int(e["iteration"]) + 1, float(e[metric])))
-    return sorted(dict(out).items())
+                evals.append((int(e["iteration"]), float(e[metric])))
+    return sorted({min(i, last) + 1 if last >= 0 else i + 1: v for i, v in evals}.items())
 
 
-def schedule_from_pilot(evaluations, rel_gain=0.1, cap=None):
+def schedule_from_pilot(evaluations, rel_gain=0.1, cap=None, floor=2.0):
     """The schedule rule of the studies' protocol: N = the first evaluation whose gain over the
     previous one is below ``rel_gain`` of its value (the baseline has levelled off), else the
-    last evaluation (or ``cap``, the CPU budget's, when given and the pilot reached it).
+    last evaluation (or ``cap``, the CPU budget's, when given and the pilot reached it). An
+    evaluation below ``floor`` AP never counts as levelled (docs/study.md, Amendment 2): there
+    the run-to-run noise is of the order of the value, and a drop is noise, not a plateau.
     ``evaluations``: [(iterations, AP)] in order. Returns N."""
     if not evaluations:
         raise ValueError("The pilot has no evaluation: train it with TEST.EVAL_PERIOD set")
     for (_, prev), (it, ap) in zip(evaluations, evaluations[1:]):
-        if ap - prev < rel_gain * ap:
+        if ap >= floor and ap - prev < rel_gain * ap:
             return it if cap is None else min(it, cap)
     last = evaluations[-1][0]
     return last if cap is None else min(last, cap)

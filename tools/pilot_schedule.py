@@ -23,11 +23,16 @@ def main(argv=None):
     parser.add_argument("--rel-gain", type=float, default=0.1)
     parser.add_argument("--floor", type=float, default=2.0,
                         help="an evaluation below this AP never counts as levelled (noise, not a plateau)")
+    parser.add_argument("--require", type=int, metavar="N",
+                        help="fail unless the pilot has an evaluation at N iterations (it has finished)")
     parser.add_argument("--decay-at", type=float, default=0.8, help="the lr / 10 step, as a fraction of N")
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(args.pilot, "metrics.json")):
         parser.error(f"{args.pilot}/metrics.json does not exist: train the pilot first")
     evaluations = study.pilot_evaluations(args.pilot)
+    if args.require and args.require not in dict(evaluations):
+        print(f"{args.pilot}: no evaluation at {args.require} iterations yet", file=sys.stderr)
+        return 1
     n = study.schedule_from_pilot(evaluations, args.rel_gain, args.cap, args.floor)
     print("pilot: " + ", ".join(f"{it}: {ap:.2f}" for it, ap in evaluations) + f" -> N = {n}", file=sys.stderr)
     print(f"SOLVER.MAX_ITER {n} SOLVER.STEPS ({int(round(args.decay_at * n))},)")

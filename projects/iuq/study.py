@@ -348,19 +348,9 @@ def read_run(output_dir, warmup_fraction=0.1):
     """From a finished run's ``metrics.json`` (detectron2's JSONWriter): the last evaluation's
     metrics, the median seconds per iteration past the first ``warmup_fraction`` of training,
     the peak memory (``peak_mem_mb``, logged by IUQTrainer), and the loss curves."""
-    path = os.path.join(output_dir, "metrics.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: the run did not write metrics")
-    entries = []
-    with open(path) as f:
-        for line in f:
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    entries = _metrics_entries(output_dir)
     metrics, times, peaks, curves = {}, [], [], defaultdict(list)
-    # The last training iteration (the final evaluation is written one past it, at MAX_ITER).
-    last_iter = max((e.get("iteration", 0) for e in entries if "time" in e or "total_loss" in e), default=-1)
+    last_iter = _last_training_iteration(entries)
     for e in entries:
         for k, v in e.items():
             if k.startswith(("segm/", "bbox/", "iuq/")):
@@ -388,18 +378,35 @@ def pilot_evaluations(output_dir, metric="segm/AP"):
     with ``TEST.EVAL_PERIOD``): detectron2 writes a periodic evaluation after iteration i (0-based)
     at ``iteration`` i, so i + 1 iterations had trained, and the final one one past the last
     training iteration."""
-    evals, last = [], -1
-    with open(os.path.join(output_dir, "metrics.json")) as f:
+    entries = _metrics_entries(output_dir)
+    last = _last_training_iteration(entries)
+    evals = {}
+    for e in entries:
+        if isinstance(e.get(metric), (int, float)):
+            i = int(e["iteration"])
+            evals[(min(i, last) if last >= 0 else i) + 1] = float(e[metric])
+    return sorted(evals.items())
+
+
+def _metrics_entries(output_dir):
+    """The lines of a run's ``metrics.json`` (detectron2's JSONWriter), a torn one skipped."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: the run did not write metrics")
+    entries = []
+    with open(path) as f:
         for line in f:
             try:
-                e = json.loads(line)
+                entries.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-            if "total_loss" in e:
-                last = max(last, int(e["iteration"]))
-            if metric in e and isinstance(e[metric], (int, float)):
-                evals.append((int(e["iteration"]), float(e[metric])))
-    return sorted({min(i, last) + 1 if last >= 0 else i + 1: v for i, v in evals}.items())
+    return entries
+
+
+def _last_training_iteration(entries):
+    """The last training iteration logged (-1 for none); the final evaluation is written one past
+    it, at MAX_ITER."""
+    return max((e.get("iteration", 0) for e in entries if "time" in e or "total_loss" in e), default=-1)
 
 
 def schedule_from_pilot(evaluations, rel_gain=0.1, cap=None, floor=2.0):
@@ -411,11 +418,10 @@ def schedule_from_pilot(evaluations, rel_gain=0.1, cap=None, floor=2.0):
     ``evaluations``: [(iterations, AP)] in order. Returns N."""
     if not evaluations:
         raise ValueError("The pilot has no evaluation: train it with TEST.EVAL_PERIOD set")
-    for (_, prev), (it, ap) in zip(evaluations, evaluations[1:]):
-        if ap >= floor and ap - prev < rel_gain * ap:
-            return it if cap is None else min(it, cap)
-    last = evaluations[-1][0]
-    return last if cap is None else min(last, cap)
+    levelled = (it for (_, prev), (it, ap) in zip(evaluations, evaluations[1:])
+                if ap >= floor and ap - prev < rel_gain * ap)
+    n = next(levelled, evaluations[-1][0])
+    return n if cap is None else min(n, cap)
 
 
 def _median(values):

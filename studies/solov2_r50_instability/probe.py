@@ -140,25 +140,51 @@ def main():
                    help="skip the four gradient measurements (the long runs: a step costs ~2x without)")
     p.add_argument("--out", default=str(HERE / "probes.jsonl"))
     p.add_argument("--output", default="output/solov2_r50_probe")
+    p.add_argument("--stop-dead", type=int, default=0, metavar="K",
+                   help="stop after K consecutive steps with every mask off (report.py's dead_step reading): "
+                        "SOLOv2's dead state is absorbing; the last row says stopped_dead")
+    p.add_argument("--skip-done", action="store_true",
+                   help="do nothing when --out already holds this run (same norm, seed, variant, tag) "
+                        "through --steps steps or stopped dead")
     p.add_argument("opts", nargs=argparse.REMAINDER)
     args = p.parse_args()
     args.opts = [o for o in args.opts if o != "--"]
+    key = (args.norm, args.seed, args.variant, args.tag)
+    if args.skip_done and Path(args.out).exists():
+        done = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
+        done = [r for r in done if (r["norm"], r["seed"], r["variant"], r.get("tag", "")) == key]
+        if any(r["step"] >= args.steps - 1 or r.get("stopped_dead") for r in done):
+            print(f"[probe] {key}: already in {args.out}, skipped")
+            return
+        if done:  # a run cut off part-way: its rows go, it reruns from step 0
+            keep = [line for line in Path(args.out).read_text().splitlines() if line.strip()
+                    and tuple(json.loads(line)[k] if k != "tag" else json.loads(line).get("tag", "")
+                              for k in ("norm", "seed", "variant", "tag")) != key]
+            Path(args.out).write_text("".join(line + "\n" for line in keep))
+    from report import dead_step
+
     trainer, cfg = build(args)
     from detectron2.utils.events import EventStorage
 
     with EventStorage(0) as storage:
         trainer.storage = storage
         trainer._trainer.storage = storage
+        dead_run = 0
         for it in range(args.steps):
             trainer.iter = it
             storage.iter = it
             trainer.run_step()
             row = {"step": it, "norm": args.norm, "seed": args.seed, "variant": args.variant, "tag": args.tag,
                    "opts": args.opts, **trainer.rows[-1]}
+            dead_run = dead_run + 1 if dead_step(row) else 0
+            row["stopped_dead"] = bool(args.stop_dead and dead_run >= args.stop_dead)
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                               if k not in ("opts",)}), flush=True)
+            if row["stopped_dead"]:
+                print(f"[probe] every mask off for {dead_run} steps: stopped at step {it}")
+                break
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 - ``probes.jsonl`` (``probe.py``): per run (norm, seed, variant, tag), the steps, the largest
   own-instance probability per step, and the first step where every mask is off (the dead-mask
   monitor's reading: largest p < DEAD_MASK_P);
+- ``runs50.jsonl`` (``run.sh``: ``probe.py --steps 50``): the same per run, for the issue's 50 steps,
+  seeds 0-2, both norms, with the option on and off and the IUQ-off and ``augment`` twins;
 - ``slim_bound.jsonl`` (``slim_bound.py``): the slim quickstart SOLOv2 at the paper's setting, per
   seed and ``INTER.GRAD_BOUND``, whether the masks are alive through the last 10 of 30 steps.
 
@@ -15,6 +17,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEAD_MASK_P = 1e-3  # iuq.engine.hooks.DEAD_MASK_P (not imported: detectron2 need not be installed here)
+DICE_WEIGHT = 3.0  # MODEL.SOLOV2.LOSS.DICE_WEIGHT: loss_ins is 3.0 where no mask fires anywhere
+DEAD_DICE = 0.99  # iuq.study.masks_alive's reading of the base dice loss
+
+
+def dead_step(row):
+    """Whether every mask is off at this step: the dead-mask monitor's reading (largest
+    own-instance p below DEAD_MASK_P) where the row has it, else (the IUQ-off and ``augment``
+    twins, which capture no queries) the base dice loss at DEAD_DICE of its maximum or more."""
+    if row.get("own_p_max") is not None:
+        return row["own_p_max"] < DEAD_MASK_P
+    return row.get("loss_ins") is not None and row["loss_ins"] >= DEAD_DICE * DICE_WEIGHT
 
 
 def rows(name):
@@ -22,18 +35,35 @@ def rows(name):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def probe_table():
+def probe_table(name="probes.jsonl", every_step=True):
     runs = defaultdict(list)
-    for r in rows("probes.jsonl"):
+    for r in rows(name):
         runs[(r["norm"], r["seed"], r["variant"], r.get("tag", ""))].append(r)
-    print("| norm | seed | variant | tag | steps | largest own-instance p per step | first dead step |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    if not runs:
+        return
+    print()
+    if every_step:
+        print("| norm | seed | variant | tag | steps | largest own-instance p per step | first dead step |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+    else:
+        print("| norm | seed | variant | tag | steps | first dead step | dead steps | `loss_ins` last 5 (max 3) | largest raw `loss_inter` | bound bit (steps) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (norm, seed, variant, tag), steps in sorted(runs.items()):
         steps = sorted({s["step"]: s for s in steps}.values(), key=lambda s: s["step"])  # a rerun's rows: the last
         p = [s.get("own_p_max") for s in steps]
-        dead = next((s["step"] for s in steps if s.get("own_p_max") is not None and s["own_p_max"] < DEAD_MASK_P), None)
-        shown = ", ".join("–" if x is None else f"{x:.2g}" for x in p)
-        print(f"| {norm} | {seed} | {variant} | {tag or '—'} | {len(steps)} | {shown} | {'none' if dead is None else dead} |")
+        dead = next((s["step"] for s in steps if dead_step(s)), None)
+        first = "none" if dead is None else str(dead)
+        if every_step:
+            shown = ", ".join("–" if x is None else f"{x:.2g}" for x in p)
+            print(f"| {norm} | {seed} | {variant} | {tag or '—'} | {len(steps)} | {shown} | {first} |")
+            continue
+        n_dead = sum(dead_step(s) for s in steps)
+        stopped = " (stopped: dead)" if steps[-1].get("stopped_dead") else ""
+        tail = ", ".join(f"{s['loss_ins']:.2f}" for s in steps[-5:])
+        raw = [s["raw_loss_inter"] for s in steps if s.get("raw_loss_inter") is not None]
+        bit = sum(1 for s in steps if (s.get("inter_grad_scale") or 1) < 1)
+        print(f"| {norm} | {seed} | {variant} | {tag or '—'} | {len(steps)}{stopped} | {first} | {n_dead} | {tail} | "
+              f"{f'{max(raw):.1f}' if raw else '—'} | {bit if 'bound' in tag else '—'} |")
 
 
 def slim_table():
@@ -59,4 +89,5 @@ def slim_table():
 
 if __name__ == "__main__":
     probe_table()
+    probe_table("runs50.jsonl", every_step=False)
     slim_table()

@@ -102,6 +102,51 @@ def require_solq():
     _require_coco()
 
 
+# Issue 30's setting: the real SOLOv2 R50 recipe (configs/IUQ/SOLOv2/R50_1x.yaml, its lr and
+# warm-ups) from random initialisation on the COCO sample, 2 images a step, short side 320, a
+# memory of 5,000 (studies/solov2_r50_instability/probe.py trains it too).
+R50_COCO_SAMPLE = [
+    "MODEL.WEIGHTS", "", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(320,)", "INPUT.MAX_SIZE_TRAIN", "533",
+    "MODEL.IUQ.MEMORY.SIZE", "5000", "DATASETS.TRAIN", "('coco_2017_train',)", "DATASETS.TEST", "()",
+    "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0",
+]
+
+
+def own_mask_p_per_step(trainer, steps):
+    """Train ``trainer`` (an IUQTrainer, IUQ's losses on) ``steps`` steps; per step, the largest
+    own-instance probability among the matched queries the dead-mask monitor watches (a step is
+    dead, for the monitor, when it is below ``iuq.engine.hooks.DEAD_MASK_P``)."""
+    from detectron2.utils.events import EventStorage
+
+    seen = []
+    monitor = trainer.watch_dead_masks
+
+    def watch(cap, n):
+        seen.append(float(trainer.own_mask_probability(cap, n).max()))
+        monitor(cap, n)
+
+    trainer.watch_dead_masks = watch
+    # The trajectory is chaotic, and a sum splits differently over another number of threads: one
+    # thread, whatever the machine's cores or OMP_NUM_THREADS, gives the same trajectory every run
+    # on one machine. Another CPU (its vector width) still rounds differently, and the trajectory
+    # drifts: the tests assert the monitor's dead/alive, not a level of the probability.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with EventStorage(0):
+            for it in range(steps):
+                trainer.iter = it
+                loss_dict, samples = trainer.forward_losses(next(trainer._trainer._data_loader_iter))
+                trainer.optimizer.zero_grad()
+                sum(loss_dict.values()).backward()
+                trainer.memory.enqueue(samples.detach())
+                trainer.optimizer.step()
+                trainer.scheduler.step()
+    finally:
+        torch.set_num_threads(threads)
+    return seen
+
+
 def small_cfg(model, *overrides):
     from iuq.config import get_iuq_cfg
     from iuq.engine.models import register_base_models

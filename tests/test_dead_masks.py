@@ -89,9 +89,8 @@ def _own_mask_p_per_step(tmp_path, steps, *overrides):
     probability among the matched queries the monitor watches (a step is dead, for the monitor,
     when it is below DEAD_MASK_P)."""
     from detectron2.utils.env import seed_all_rng
-    from detectron2.utils.events import EventStorage
 
-    from adelaidet_support import REPO
+    from adelaidet_support import REPO, own_mask_p_per_step
     from iuq.config import get_iuq_cfg
     from iuq.data import register_quickstart
 
@@ -101,34 +100,7 @@ def _own_mask_p_per_step(tmp_path, steps, *overrides):
     cfg.merge_from_list(["SEED", "0", "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.IUQ.EQUI.ENABLED", "False",
                          *overrides])
     seed_all_rng(cfg.SEED)  # what train_net's default_setup does: the weights' and the data order's seed
-    trainer = IUQTrainer(cfg)
-    seen = []
-    monitor = trainer.watch_dead_masks
-
-    def watch(cap, n):
-        seen.append(float(trainer.own_mask_probability(cap, n).max()))
-        monitor(cap, n)
-
-    trainer.watch_dead_masks = watch
-    # The trajectory is chaotic, and a sum splits differently over another number of threads: one
-    # thread, whatever the machine's cores or OMP_NUM_THREADS, gives the same trajectory every run
-    # on one machine. Another CPU (its vector width) still rounds differently, and the trajectory
-    # drifts: the test asserts the monitor's dead/alive, not a level of the probability.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with EventStorage(0):
-            for it in range(steps):
-                trainer.iter = it
-                loss_dict, samples = trainer.forward_losses(next(trainer._trainer._data_loader_iter))
-                trainer.optimizer.zero_grad()
-                sum(loss_dict.values()).backward()
-                trainer.memory.enqueue(samples.detach())
-                trainer.optimizer.step()
-                trainer.scheduler.step()
-    finally:
-        torch.set_num_threads(threads)
-    return seen
+    return own_mask_p_per_step(IUQTrainer(cfg), steps)
 
 
 def test_the_ramped_iuq_weights_keep_the_slim_solov2s_masks_alive(tmp_path):

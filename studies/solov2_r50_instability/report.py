@@ -6,6 +6,11 @@
   monitor's reading: largest p < DEAD_MASK_P);
 - ``runs50.jsonl`` (``run.sh``: ``probe.py --steps 50``): the same per run, for the issue's 50 steps,
   seeds 0-2, both norms, with the option on and off and the IUQ-off and ``augment`` twins;
+- ``runs50_constant_lr.jsonl``: the first 50-step run, cut at step 37 when it was found that
+  ``probe.py`` did not step the lr scheduler (so the lr stayed at the warm-up's first value,
+  1e-4, as in every run of ``probes.jsonl``); kept because every run made is reported;
+- ``paper_setting.jsonl`` (``run.sh``, step 0): the same model at the paper's setting (IUQ's
+  weights full from step 0), 15 steps, with and without the bound;
 - ``slim_bound.jsonl`` (``slim_bound.py``): the slim quickstart SOLOv2 at the paper's setting, per
   seed and ``INTER.GRAD_BOUND``, whether the masks are alive through the last 10 of 30 steps.
 
@@ -41,7 +46,7 @@ def probe_table(name="probes.jsonl", every_step=True):
         runs[(r["norm"], r["seed"], r["variant"], r.get("tag", ""))].append(r)
     if not runs:
         return
-    print()
+    print(f"\n`{name}`:\n")
     if every_step:
         print("| norm | seed | variant | tag | steps | largest own-instance p per step | first dead step |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -70,6 +75,7 @@ def slim_table():
     found = rows("slim_bound.jsonl")
     if not found:
         return
+    print("\n`slim_bound.jsonl`:\n")
     by = defaultdict(dict)
     for r in found:
         p = r["own_p_max"]
@@ -77,7 +83,6 @@ def slim_table():
         first = next((i for i, x in enumerate(p) if x < DEAD_MASK_P), None)
         by[r["grad_bound"]][r["seed"]] = f"{state}" + ("" if first is None else f" (first dead step {first})")
     seeds = sorted({s for v in by.values() for s in v})
-    print()
     print("| `INTER.GRAD_BOUND` | " + " | ".join(f"seed {s}" for s in seeds) + " | alive |")
     print("| --- | " + " | ".join("---" for _ in seeds) + " | --- |")
     for bound in sorted(by):
@@ -89,5 +94,7 @@ def slim_table():
 
 if __name__ == "__main__":
     probe_table()
+    probe_table("runs50_constant_lr.jsonl", every_step=False)
+    probe_table("paper_setting.jsonl")
     probe_table("runs50.jsonl", every_step=False)
     slim_table()

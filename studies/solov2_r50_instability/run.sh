@@ -11,6 +11,13 @@ HERE=studies/solov2_r50_instability
 export DETECTRON2_DATASETS=${DETECTRON2_DATASETS:-$(cd .. && pwd)/shared/datasets}
 probe() { python3 "$HERE/probe.py" --steps 50 --no-grads --stop-dead 10 --skip-done \
     --out "$HERE/runs50.jsonl" --output output/solov2_r50_runs50 "$@"; }
+# 0. The paper's setting on the same model (IUQ's weights full from step 0: MODEL.IUQ.WARMUP_ITERS 0),
+#    15 steps, with and without the bound: the setting of tests/test_r50_bound.py.
+paper() { python3 "$HERE/probe.py" --steps 15 --no-grads --stop-dead 5 --skip-done \
+    --out "$HERE/paper_setting.jsonl" --output output/solov2_r50_paper "$@"; }
+paper --norm frozen --seed 0 --variant iuq --tag paper -- MODEL.IUQ.WARMUP_ITERS 0
+paper --norm frozen --seed 0 --variant iuq --tag paper+bound0.3 -- MODEL.IUQ.WARMUP_ITERS 0 MODEL.IUQ.INTER.GRAD_BOUND 0.3
+# 1. The setting (the recipe's ramp), 50 steps.
 for seed in 0 2 1; do
     for norm in frozen bn; do
         probe --norm "$norm" --seed "$seed" --variant iuq --tag bound0.3 -- MODEL.IUQ.INTER.GRAD_BOUND 0.3

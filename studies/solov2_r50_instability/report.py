@@ -12,7 +12,9 @@
 - ``paper_setting.jsonl`` (``run.sh``, step 0): the same model at the paper's setting (IUQ's
   weights full from step 0), 15 steps, with and without the bound;
 - ``slim_bound.jsonl`` (``slim_bound.py``): the slim quickstart SOLOv2 at the paper's setting, per
-  seed and ``INTER.GRAD_BOUND``, whether the masks are alive through the last 10 of 30 steps.
+  seed and ``INTER.GRAD_BOUND``, whether the masks are alive through the last 10 of 30 steps;
+- ``sotr_bound.jsonl`` (``sotr_bound.py``): the same for the real SOTR R50 (the tests' small
+  setting), through the last 5 of 10 steps.
 
     python studies/solov2_r50_instability/report.py
 """
@@ -36,6 +38,7 @@ def dead_step(row):
 
 
 def rows(name):
+    """The JSON rows of ``name`` (a file of this folder, or a path); none where it does not exist."""
     path = HERE / name
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -71,15 +74,16 @@ def probe_table(name="probes.jsonl", every_step=True):
               f"{f'{max(raw):.1f}' if raw else '—'} | {bit if 'bound' in tag else '—'} |")
 
 
-def slim_table():
-    found = rows("slim_bound.jsonl")
+def bound_table(name="slim_bound.jsonl", tail=10):
+    """Per ``INTER.GRAD_BOUND`` and seed: alive / dead / mixed through the last ``tail`` steps."""
+    found = rows(name)
     if not found:
         return
-    print("\n`slim_bound.jsonl`:\n")
+    print(f"\n`{name}` (alive: every one of the last {tail} steps alive):\n")
     by = defaultdict(dict)
     for r in found:
         p = r["own_p_max"]
-        state = "alive" if min(p[-10:]) >= DEAD_MASK_P else ("dead" if max(p[-10:]) < DEAD_MASK_P else "mixed")
+        state = "alive" if min(p[-tail:]) >= DEAD_MASK_P else ("dead" if max(p[-tail:]) < DEAD_MASK_P else "mixed")
         first = next((i for i, x in enumerate(p) if x < DEAD_MASK_P), None)
         by[r["grad_bound"]][r["seed"]] = f"{state}" + ("" if first is None else f" (first dead step {first})")
     seeds = sorted({s for v in by.values() for s in v})
@@ -97,4 +101,5 @@ if __name__ == "__main__":
     probe_table("runs50_constant_lr.jsonl", every_step=False)
     probe_table("paper_setting.jsonl")
     probe_table("runs50.jsonl", every_step=False)
-    slim_table()
+    bound_table()
+    bound_table("sotr_bound.jsonl", tail=5)

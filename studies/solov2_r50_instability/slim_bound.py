@@ -31,11 +31,11 @@ def main():
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--out", default=str(HERE / "slim_bound.jsonl"))
     args = p.parse_args()
+    from report import rows
+
     from test_dead_masks import _own_mask_p_per_step
 
-    done = set()
-    if os.path.exists(args.out):
-        done = {(r["seed"], r["grad_bound"]) for r in map(json.loads, Path(args.out).read_text().splitlines())}
+    done = {(r["seed"], r["grad_bound"]) for r in rows(args.out)}
     for seed in args.seeds:
         for bound in args.bounds:
             if (seed, bound) in done:

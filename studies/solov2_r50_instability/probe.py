@@ -150,19 +150,17 @@ def main():
     p.add_argument("opts", nargs=argparse.REMAINDER)
     args = p.parse_args()
     args.opts = [o for o in args.opts if o != "--"]
+    from report import dead_step, rows, run_key
+
     key = (args.norm, args.seed, args.variant, args.tag)
-    if args.skip_done and Path(args.out).exists():
-        done = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
-        done = [r for r in done if (r["norm"], r["seed"], r["variant"], r.get("tag", "")) == key]
-        if any(r["step"] >= args.steps - 1 or r.get("stopped_dead") for r in done):
+    if args.skip_done:
+        found = rows(args.out)
+        mine = [r for r in found if run_key(r) == key]
+        if any(r["step"] >= args.steps - 1 or r.get("stopped_dead") for r in mine):
             print(f"[probe] {key}: already in {args.out}, skipped")
             return
-        if done:  # a run cut off part-way: its rows go, it reruns from step 0
-            keep = [line for line in Path(args.out).read_text().splitlines() if line.strip()
-                    and tuple(json.loads(line)[k] if k != "tag" else json.loads(line).get("tag", "")
-                              for k in ("norm", "seed", "variant", "tag")) != key]
-            Path(args.out).write_text("".join(line + "\n" for line in keep))
-    from report import dead_step
+        if mine:  # a run cut off part-way: its rows go, it reruns from step 0
+            Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in found if run_key(r) != key))
 
     trainer, cfg = build(args)
     from detectron2.utils.events import EventStorage

@@ -39,14 +39,19 @@ def dead_step(row):
 
 def rows(name):
     """The JSON rows of ``name`` (a file of this folder, or a path); none where it does not exist."""
-    path = HERE / name
+    path = Path(name) if "/" in str(name) else HERE / name  # a bare name: this folder's file
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def run_key(row):
+    """A probe run's identity in its rows: (norm, seed, variant, tag)."""
+    return row["norm"], row["seed"], row["variant"], row.get("tag", "")
 
 
 def probe_table(name="probes.jsonl", every_step=True):
     runs = defaultdict(list)
     for r in rows(name):
-        runs[(r["norm"], r["seed"], r["variant"], r.get("tag", ""))].append(r)
+        runs[run_key(r)].append(r)
     if not runs:
         return
     print(f"\n`{name}`:\n")

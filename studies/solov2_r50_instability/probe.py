@@ -20,6 +20,8 @@ One JSON row per step in ``probes.jsonl`` next to this file (``--out`` to change
 augmentation), ``zero`` (IUQ on, both weights 0). Extra ``KEY VALUE`` overrides follow ``--``.
 """
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -130,6 +132,18 @@ def build(args):
     return trainer, cfg
 
 
+@contextlib.contextmanager
+def _locked(path, mode):
+    """``open(path, mode)`` held under an exclusive ``flock``: run.sh's shards share one rows file."""
+    with open(path, mode) as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield f
+        finally:
+            f.flush()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--norm", choices=sorted(NORMS), default="frozen")
@@ -160,7 +174,11 @@ def main():
             print(f"[probe] {key}: already in {args.out}, skipped")
             return
         if mine:  # a run cut off part-way: its rows go, it reruns from step 0
-            Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in found if run_key(r) != key))
+            with _locked(args.out, "r+") as f:  # under the lock: run.sh's other shard may be appending
+                kept = [r for r in map(json.loads, filter(str.strip, f)) if run_key(r) != key]
+                f.seek(0)
+                f.truncate()
+                f.write("".join(json.dumps(r) + "\n" for r in kept))
 
     trainer, cfg = build(args)
     from detectron2.utils.events import EventStorage
@@ -178,7 +196,7 @@ def main():
                    "opts": args.opts, **trainer.rows[-1]}
             dead_run = dead_run + 1 if dead_step(row) else 0
             row["stopped_dead"] = bool(args.stop_dead and dead_run >= args.stop_dead)
-            with open(args.out, "a") as f:
+            with _locked(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                               if k not in ("opts",)}), flush=True)

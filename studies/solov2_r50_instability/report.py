@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """Issue 30's tables, from the rows this folder holds (markdown on stdout):
 
+- ``mechanism.jsonl`` (``probe.py --steps 13``, with the lr scheduler stepped): per norm, step by
+  step, what the issue's item 1 asks for: the raw ``loss_inter``, the negatives' largest logit and
+  share above 0, the kernels' and mask features' norms, and the weighted ``L_inter``'s gradient at
+  the kernel head against the base dice loss's (ratio of norms, cosine);
 - ``probes.jsonl`` (``probe.py``): per run (norm, seed, variant, tag), the steps, the largest
   own-instance probability per step, and the first step where every mask is off (the dead-mask
   monitor's reading: largest p < DEAD_MASK_P);
@@ -79,6 +83,28 @@ def probe_table(name="probes.jsonl", every_step=True):
               f"{f'{max(raw):.1f}' if raw else '—'} | {bit if 'bound' in tag else '—'} |")
 
 
+def mechanism_table(name="mechanism.jsonl"):
+    """Step by step per run: what grows, and how hard ``L_inter`` pulls the kernels against the base
+    dice loss (the norm of the weighted ``L_inter``'s gradient at ``kernel_pred`` over the dice
+    loss's, and their cosine)."""
+    runs = defaultdict(list)
+    for r in rows(name):
+        runs[run_key(r)].append(r)
+    for (norm, seed, variant, tag), steps in sorted(runs.items()):
+        print(f"\n`{name}`: {norm}, seed {seed}, {variant}{f' ({tag})' if tag else ''}\n")
+        print("| step | lr | ramp | raw `loss_inter` | largest neg. logit | neg. pairs > 0 | kernel norm | "
+              "feature norm | g_inter / g_dice at kernels | cosine | largest own p | `loss_ins` |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for s in sorted({s["step"]: s for s in steps}.values(), key=lambda s: s["step"]):
+            g = s.get("grad_kernel_inter_weighted"), s.get("grad_kernel_ins")
+            ratio = f"{g[0] / g[1]:.2f}" if None not in g and g[1] > 0 else "—"
+            cos = s.get("grad_kernel_cosine")
+            print(f"| {s['step']} | {s['lr']:.2e} | {s['ramp']:.3f} | {s['raw_loss_inter']:.2f} | "
+                  f"{s['neg_logit_max']:.1f} | {s['neg_share_above_0']:.0%} | {s['kernel_norm_mean']:.1f} | "
+                  f"{s['feature_norm_mean']:.1f} | {ratio} | {'—' if cos is None else f'{cos:.2f}'} | "
+                  f"{s['own_p_max']:.2g} | {s['loss_ins']:.2f} |")
+
+
 def bound_table(name="slim_bound.jsonl", tail=10):
     """Per ``INTER.GRAD_BOUND`` and seed: alive / dead / mixed through the last ``tail`` steps."""
     found = rows(name)
@@ -102,6 +128,7 @@ def bound_table(name="slim_bound.jsonl", tail=10):
 
 
 if __name__ == "__main__":
+    mechanism_table()
     probe_table()
     probe_table("runs50_constant_lr.jsonl", every_step=False)
     probe_table("paper_setting.jsonl")

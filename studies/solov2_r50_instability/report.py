@@ -52,10 +52,16 @@ def run_key(row):
     return row["norm"], row["seed"], row["variant"], row.get("tag", "")
 
 
-def probe_table(name="probes.jsonl", every_step=True):
-    runs = defaultdict(list)
+def runs_of(name):
+    """``name``'s rows by run (``run_key``), each run's rows in step order (a rerun's rows: the last)."""
+    runs = defaultdict(dict)
     for r in rows(name):
-        runs[run_key(r)].append(r)
+        runs[run_key(r)][r["step"]] = r
+    return {key: [by_step[k] for k in sorted(by_step)] for key, by_step in sorted(runs.items())}
+
+
+def probe_table(name="probes.jsonl", every_step=True):
+    runs = runs_of(name)
     if not runs:
         return
     print(f"\n`{name}`:\n")
@@ -65,8 +71,7 @@ def probe_table(name="probes.jsonl", every_step=True):
     else:
         print("| norm | seed | variant | tag | steps | first dead step | dead steps | `loss_ins` last 5 (max 3) | largest raw `loss_inter` | bound bit (steps) |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for (norm, seed, variant, tag), steps in sorted(runs.items()):
-        steps = sorted({s["step"]: s for s in steps}.values(), key=lambda s: s["step"])  # a rerun's rows: the last
+    for (norm, seed, variant, tag), steps in runs.items():
         p = [s.get("own_p_max") for s in steps]
         dead = next((s["step"] for s in steps if dead_step(s)), None)
         first = "none" if dead is None else str(dead)
@@ -87,15 +92,12 @@ def mechanism_table(name="mechanism.jsonl"):
     """Step by step per run: what grows, and how hard ``L_inter`` pulls the kernels against the base
     dice loss (the norm of the weighted ``L_inter``'s gradient at ``kernel_pred`` over the dice
     loss's, and their cosine)."""
-    runs = defaultdict(list)
-    for r in rows(name):
-        runs[run_key(r)].append(r)
-    for (norm, seed, variant, tag), steps in sorted(runs.items()):
+    for (norm, seed, variant, tag), steps in runs_of(name).items():
         print(f"\n`{name}`: {norm}, seed {seed}, {variant}{f' ({tag})' if tag else ''}\n")
         print("| step | lr | ramp | raw `loss_inter` | largest neg. logit | neg. pairs > 0 | kernel norm | "
               "feature norm | g_inter / g_dice at kernels | cosine | largest own p | `loss_ins` |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for s in sorted({s["step"]: s for s in steps}.values(), key=lambda s: s["step"]):
+        for s in steps:
             g = s.get("grad_kernel_inter_weighted"), s.get("grad_kernel_ins")
             ratio = f"{g[0] / g[1]:.2f}" if None not in g and g[1] > 0 else "—"
             cos = s.get("grad_kernel_cosine")

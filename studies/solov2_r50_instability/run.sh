@@ -38,4 +38,9 @@ for pair in $PAIRS; do
     seed=${pair%:*} norm=${pair#*:}
     probe --norm "$norm" --seed "$seed" --variant iuq
 done
-[ "$I" -eq 0 ] && python3 "$HERE/report.py"
+# 2. Why trainable BN, seed 0 died with the bound (docs/study.md): the bound with L_equi off, L_equi
+#    alone (L_inter's weight 0, no bound), and a tighter bound.
+probe --norm bn --seed 0 --variant iuq --tag bound0.3+equi0 -- MODEL.IUQ.INTER.GRAD_BOUND 0.3 MODEL.IUQ.EQUI.WEIGHT 0.0
+probe --norm bn --seed 0 --variant iuq --tag inter0 -- MODEL.IUQ.INTER.WEIGHT 0.0
+probe --norm bn --seed 0 --variant iuq --tag bound0.1 -- MODEL.IUQ.INTER.GRAD_BOUND 0.1
+if [ "$I" -eq 0 ]; then python3 "$HERE/report.py"; fi

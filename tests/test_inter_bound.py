@@ -4,7 +4,8 @@ loss's value (and, where the bound does not bite, its gradient) is untouched."""
 import pytest
 import torch
 
-from iuq.inter.bound import bound_influence, gradient_ratio, nearest_parameters, with_gradient_scale
+from iuq.inter.bound import (MomentumBound, bound_influence, gradient_ratio, momentum_scale, nearest_parameters,
+                              with_gradient_scale)
 
 
 def toy():
@@ -86,3 +87,82 @@ def test_with_gradient_scale_keeps_the_value():
     assert float(scaled) == 6.0
     (g,) = torch.autograd.grad(scaled, w)
     assert float(g) == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("carried, grad, limit, want", [
+    ([0.0, 0.0], [3.0, 4.0], 2.0, 0.4),  # |s (3, 4)| = 5 s <= 2
+    ([1.0, 0.0], [0.0, 1.0], 2.0, 1.0),  # |(1, 1)| = 1.41 <= 2: s = 1, nothing scaled
+    ([1.0, 0.0], [0.0, 1.0], 1.25 ** 0.5, 0.5),  # 1 + s^2 <= 1.25
+    ([1.0, 0.0], [-1.0, 0.0], 0.5, 1.0),  # |1 - s| <= 0.5 from s = 0.5 on: the largest, 1
+    ([3.0, 0.0], [-1.0, 0.0], 1.0, 1.0),  # over the bound for every s in [0, 1]: nearest at s = 1
+    ([3.0, 0.0], [1.0, 0.0], 1.0, 0.0),  # ... here at s = 0 (L_inter's step adds nothing)
+    ([1.0, 0.0], [0.0, 0.0], 0.1, 1.0),  # no gradient: nothing to scale
+])
+def test_momentum_scale_by_hand(carried, grad, limit, want):
+    # reference (limit, 0) at bound 1: |carried + s grad| <= limit
+    s = momentum_scale(torch.tensor(carried), torch.tensor(grad), torch.tensor([limit, 0.0]), 1.0)
+    assert s == pytest.approx(want)
+
+
+def test_momentum_bound_keeps_l_inters_share_of_the_real_sgd_buffer():
+    """A parameter w [2] trained by torch's SGD (momentum 0.9) on a base loss whose gradient turns
+    every step and an inter loss that pushes the same way every step, at 0.5x the base's gradient:
+    the per-step bound (0.6) never bites, yet L_inter's share of the momentum grows past the base's.
+    The momentum bound keeps it at 0.6x the base's share wherever L_inter's step can, and the two
+    shares it tracks add up to the optimizer's own buffer."""
+    w = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    bound, unbounded_inter, unbounded_base = MomentumBound(0.6), torch.zeros(2), torch.zeros(2)
+    bit = False
+    for step in range(12):
+        sign = 1.0 if step % 2 == 0 else -1.0
+        base = sign * (w * torch.tensor([2.0, 0.0])).sum()  # d/dw = (2 sign, 0)
+        inter = (w * torch.tensor([0.0, 1.0])).sum()  # d/dw = (0, 1): half the base's
+        assert gradient_ratio(inter, base, [w]) == pytest.approx(0.5)  # the per-step bound: never bites
+        bounded, ratio, scale = bound(inter, base, [w], 0.9)
+        assert float(bounded) == float(inter)
+        optimizer.zero_grad()
+        (base + bounded).backward()
+        optimizer.step()
+        torch.testing.assert_close(optimizer.state[w]["momentum_buffer"], bound.inter + bound.base)
+        # within the bound, or L_inter adds nothing this step (its past share alone is over it:
+        # the base's share nearly cancels on every other step)
+        assert scale == 0.0 or float(bound.inter.norm()) <= 0.6 * float(bound.base.norm()) * (1 + 1e-6)
+        unbounded_inter = 0.9 * unbounded_inter + torch.tensor([0.0, 1.0])
+        unbounded_base = 0.9 * unbounded_base + torch.tensor([2.0 * sign, 0.0])
+        bit = bit or scale < 1.0
+        if scale == 1.0:  # where it does not bite the step is the unbounded one
+            assert ratio <= 0.6 * (1 + 1e-6)
+    assert bit  # ... and it does bite: unbounded, L_inter's share would be ~9x the base's
+    assert float(unbounded_inter.norm() / unbounded_base.norm()) > 4.0
+
+
+def test_momentum_bound_at_momentum_0_is_the_per_step_bound():
+    _, head, _, _, _, base, inter = toy()
+    params = [head.weight, head.bias]
+    _, ratio, scale = bound_influence(inter, base, params, 0.25)
+    _, m_ratio, m_scale = MomentumBound(0.25)(inter, base, params, 0.0)
+    assert m_ratio == pytest.approx(ratio) and m_scale == pytest.approx(scale)
+
+
+def test_momentum_bound_resumes_from_its_state_dict():
+    """Two steps, saved and loaded into a fresh bound, then a third: the same scale and shares as
+    one bound that ran all three."""
+    def losses(step):
+        w = weights[step]
+        return (w * torch.tensor([1.0, -1.0])).sum() * (-1) ** step * 3, (w * torch.tensor([0.5, 2.0])).sum()
+
+    weights = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    whole, first = MomentumBound(0.3), MomentumBound(0.3)
+    for step in range(2):
+        for b in (whole, first):
+            base, inter = losses(step)
+            b(inter, base, [weights[step]], 0.9)
+    resumed = MomentumBound(0.3)
+    resumed.load_state_dict({k: v.clone() for k, v in first.state_dict().items()})
+    got = [b(losses(2)[1], losses(2)[0], [weights[2]], 0.9) for b in (whole, resumed)]
+    assert got[0][1:] == got[1][1:]
+    assert got[0][2] < 1.0  # it bites on the third step
+    torch.testing.assert_close(whole.inter, resumed.inter)
+    torch.testing.assert_close(whole.base, resumed.base)
+    assert MomentumBound(0.3).state_dict() == {}

@@ -57,18 +57,41 @@ def test_it_measures_at_the_query_head_and_keeps_the_value(name, tmp_path):
     check_bound_at_query_head(partial(test_train_net_cli.args_for, name), QUERY_HEADS[name], tmp_path)
 
 
-def test_where_it_does_not_bite_the_run_is_the_papers(tmp_path):
+@pytest.mark.parametrize("on", ["step", "momentum"])
+def test_where_it_does_not_bite_the_run_is_the_papers(on, tmp_path):
     """CondInst, 2 steps (the second's losses depend on the first's update): GRAD_BOUND 1e9 (never
-    reached) gives the same losses at every step and the same parameters after, bit for bit, as
-    GRAD_BOUND 0 (off)."""
+    reached), on this step's gradients or on the momentum's shares, gives the same losses at every
+    step and the same parameters after, bit for bit, as GRAD_BOUND 0 (off)."""
     # The first trainer of a process gets backbone gradients that differ in the last bits from every
     # later one's (measured: the same holds with the bound off, e.g. a kernel's first-call path), so
     # one step of a throwaway trainer first.
     train(build("CondInst", tmp_path / "warm"), 1)
     off = build("CondInst", tmp_path / "off")  # (each built and trained in turn: the mapper's
     off_losses = train(off, 2)  # augmentations draw from the global RNGs that build seeds)
-    on = build("CondInst", tmp_path / "on", "MODEL.IUQ.INTER.GRAD_BOUND", "1e9")
+    on = build("CondInst", tmp_path / "on", "MODEL.IUQ.INTER.GRAD_BOUND", "1e9", "MODEL.IUQ.INTER.GRAD_BOUND_ON", on)
     assert train(on, 2) == off_losses
     assert on.inter_bound[1] == 1.0 and on.inter_bound[0] > 0
     for (n, a), (_, b) in zip(off.model.named_parameters(), on.model.named_parameters()):
         assert torch.equal(a, b), n
+
+
+def test_the_momentum_bound_bites_and_its_shares_are_checkpointed(tmp_path):
+    """SOLOv2, GRAD_BOUND_ON momentum at a bound that bites (1e-3), 2 steps: L_inter's share of the
+    optimizer's momentum at the kernel head ends at 1e-3 of the base losses' share (toy checks of
+    the shares against torch's SGD buffer: test_inter_bound.py); both shares are saved with the
+    checkpoint and a fresh trainer resumed from it (as ``--resume`` does) carries them on."""
+    overrides = ("MODEL.IUQ.INTER.GRAD_BOUND", "1e-3", "MODEL.IUQ.INTER.GRAD_BOUND_ON", "momentum")
+    trainer = build("SOLOv2", tmp_path / "run", *overrides)
+    train(trainer, 2)
+    ratio, scale = trainer.inter_bound
+    shares = trainer.inter_momentum
+    assert scale < 1.0 and ratio > 1e-3  # it bites
+    assert float(shares.inter.norm()) == pytest.approx(1e-3 * float(shares.base.norm()), rel=1e-4)
+    trainer.checkpointer.save("model_0000001")
+    saved = torch.load(tmp_path / "run" / "model_0000001.pth", weights_only=False)
+    assert set(saved["iuq_inter_momentum"]) == {"inter", "base"}
+    resumed = build("SOLOv2", tmp_path / "run", *overrides)
+    resumed.resume_or_load(resume=True)
+    torch.testing.assert_close(resumed.inter_momentum.inter, shares.inter)
+    torch.testing.assert_close(resumed.inter_momentum.base, shares.base)
+    assert resumed.start_iter == 2

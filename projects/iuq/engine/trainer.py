@@ -29,7 +29,7 @@ from ..equi.transforms import valid_cells
 from ..equi.views import add_views
 from ..evaluation.evaluators import build_evaluator
 from ..evaluation.measures import IUQMeasures
-from ..inter.bound import bound_influence, nearest_parameters
+from ..inter.bound import MomentumBound, bound_influence, nearest_parameters
 from ..inter.images import ImageMemory, image_inter_loss
 from ..inter.losses import inter_scene_loss
 from ..inter.memory import PixelMemory
@@ -73,6 +73,12 @@ class IUQTrainer(DefaultTrainer):
         # INTER.GRAD_BOUND: the last step's (ratio before the bound or None, scale), and whether the
         # layer it measures at has been logged
         self.inter_bound, self._bound_logged = (None, 1.0), False
+        # GRAD_BOUND_ON "momentum": L_inter's and the base losses' shares of the optimizer's momentum
+        # at the query head, training state (checkpointed with the optimizer)
+        self.inter_momentum = None
+        if iuq.INTER.GRAD_BOUND > 0 and iuq.INTER.GRAD_BOUND_ON == "momentum":
+            self.inter_momentum = MomentumBound(iuq.INTER.GRAD_BOUND)
+            self.checkpointer.add_checkpointable("iuq_inter_momentum", self.inter_momentum)
         # Which contiguous classes are stuff (panoptic data; none for instance segmentation).
         train = cfg.DATASETS.TRAIN
         self.stuff = stuff_flags(MetadataCatalog.get(train[0])) if train else torch.zeros(0, dtype=torch.bool)
@@ -185,7 +191,8 @@ class IUQTrainer(DefaultTrainer):
 
     def bounded_inter_loss(self, loss_dict, cap):
         """``loss_dict["loss_inter"]`` with its gradient at most ``INTER.GRAD_BOUND`` times the base
-        losses' (the entries other than IUQ's) at the parameters nearest the queries
+        losses' (the entries other than IUQ's) at the parameters nearest the queries, this step's or
+        (``INTER.GRAD_BOUND_ON "momentum"``) their shares of the optimizer's momentum
         (``iuq.inter.bound``); logs ``iuq/inter_grad_ratio`` (before the bound) and
         ``iuq/inter_grad_scale``."""
         loss = loss_dict["loss_inter"]
@@ -195,13 +202,25 @@ class IUQTrainer(DefaultTrainer):
             return loss
         if not self._bound_logged:
             names = {id(p): n for n, p in self.model.named_parameters()}
-            logger.info(f"IUQ: MODEL.IUQ.INTER.GRAD_BOUND {self.iuq_cfg.INTER.GRAD_BOUND} compares gradients at "
+            logger.info(f"IUQ: MODEL.IUQ.INTER.GRAD_BOUND {self.iuq_cfg.INTER.GRAD_BOUND} compares "
+                        f"{'shares of the momentum' if self.inter_momentum is not None else 'gradients'} at "
                         f"{', '.join(names.get(id(p), '?') for p in params)}")
             self._bound_logged = True
-        loss, ratio, scale = bound_influence(loss, sum(base), params, self.iuq_cfg.INTER.GRAD_BOUND)
+        if self.inter_momentum is not None:
+            loss, ratio, scale = self.inter_momentum(loss, sum(base), params, self.momentum_of(params[0]))
+        else:
+            loss, ratio, scale = bound_influence(loss, sum(base), params, self.iuq_cfg.INTER.GRAD_BOUND)
         self.inter_bound = (ratio, scale)
         put_scalars({"iuq/inter_grad_scale": scale, **({} if ratio is None else {"iuq/inter_grad_ratio": ratio})})
         return loss
+
+    def momentum_of(self, param):
+        """The optimizer's momentum for ``param``: SGD's ``momentum``, Adam's ``betas[0]`` (0 if it
+        has none, where the momentum bound is the per-step one)."""
+        for group in self.optimizer.param_groups:
+            if any(p is param for p in group["params"]):
+                return float(group.get("momentum", group.get("betas", (0.0,))[0]))
+        return 0.0
 
     def iuq_weight_factor(self):
         """MODEL.IUQ.WARMUP_ITERS: min(1, (iter + 1) / WARMUP_ITERS), 1 without warm-up."""

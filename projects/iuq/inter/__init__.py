@@ -7,18 +7,21 @@
   with its hand-written autograd (``SampleDecode``, ``dot_product_decode``);
 - ``stuff``: panoptic data's stuff targets (a stuff query's positives in other images);
 - ``bound``: ``MODEL.IUQ.INTER.GRAD_BOUND``, L_inter's gradient at the query head capped at a
-  multiple of the base losses' (its value unchanged).
+  multiple of the base losses' (its value unchanged), per step or (``MomentumBound``) as shares of
+  the optimizer's momentum.
 
 Framework-independent: torch only, no detectron2.
 """
-from .bound import bound_influence, nearest_parameters
+from .bound import MomentumBound, bound_influence, momentum_scale, nearest_parameters
 from .losses import SampleDecode, dot_product_decode, inter_scene_loss
 from .memory import PixelMemory
 from .samples import PixelSamples, grid_locations, masks_on_grid, sample_pixels
 from .stuff import stuff_classes_of, stuff_flags
 
 __all__ = [
+    "MomentumBound",
     "bound_influence",
+    "momentum_scale",
     "nearest_parameters",
     "SampleDecode",
     "dot_product_decode",

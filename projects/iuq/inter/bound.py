@@ -18,6 +18,19 @@ the second, L_inter's whole gradient (everywhere, not only at those parameters) 
 bound does not bite is exactly the paper's step. It is a per-loss gradient-norm bound as in
 multi-task training (GradNorm, Chen et al. 2018, balances such norms; here they are only capped).
 
+``MODEL.IUQ.INTER.GRAD_BOUND_ON "momentum"`` (``MomentumBound``) compares what the optimizer will
+move the parameters by instead of this step's gradients. SGD steps along its momentum buffer
+``m_t = mu m_(t-1) + g_t``, which is linear in the gradients: it is the sum of L_inter's share and
+the base losses' share, each the discounted sum of its own past gradients. Where L_inter pushes the
+same way step after step (every kernel's logits down, while the base losses' gradient turns), its
+share grows to ~1 / (1 - mu) = 10 times its per-step gradient and the base's does not: a bound
+of 0.3 on each step's gradient let it move the kernels by more than the base losses did, and the
+masks died (trainable BN, seed 0; docs/study.md). This bound keeps L_inter's share of the momentum
+at most ``bound`` times the base's share: per step, the largest ``s`` in [0, 1] with
+``|mu m_inter + s g_inter| <= bound |mu m_base + g_base|`` (both shares tracked at ``params``, in
+float32; training state, checkpointed). Adam's first moment is the same sum scaled by
+``1 - beta1`` on both sides; ``mu`` is read from the optimizer's parameter group.
+
 Framework-independent: torch only.
 """
 import torch
@@ -83,3 +96,65 @@ def bound_influence(loss, reference, params, bound):
     ratio = gradient_ratio(loss, reference, params)
     scale = 1.0 if ratio is None or ratio <= bound else bound / ratio
     return with_gradient_scale(loss, scale), ratio, scale
+
+
+def _gradient(loss, params):
+    """d loss / d params as one flat float32 vector (zeros where it sends no gradient)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if loss.requires_grad \
+        else [None] * len(params)
+    return torch.cat([(torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()).flatten()
+                      for p, g in zip(params, grads)])
+
+
+def momentum_scale(carried, grad, reference, bound):
+    """The largest ``s`` in [0, 1] with ``|carried + s grad| <= bound |reference|`` (flat vectors);
+    where no ``s`` in [0, 1] meets it (the share carried from past steps is over the bound already),
+    the ``s`` in [0, 1] that brings ``|carried + s grad|`` nearest to it. 1 where ``grad`` is 0."""
+    gg = float(grad @ grad)
+    if gg == 0.0:
+        return 1.0
+    ag, aa = float(carried @ grad), float(carried @ carried)
+    limit = (bound * float(reference.norm())) ** 2
+    if aa + 2.0 * ag + gg <= limit:
+        return 1.0
+    discriminant = ag * ag - gg * (aa - limit)
+    if discriminant >= 0.0:  # the bound holds for s in [lowest, largest]
+        lowest, largest = (-ag - discriminant ** 0.5) / gg, (-ag + discriminant ** 0.5) / gg
+        if 0.0 <= largest and lowest <= 1.0:
+            return min(1.0, largest)  # < 1: s = 1 is over the bound
+    return min(1.0, max(0.0, -ag / gg))
+
+
+class MomentumBound:
+    """L_inter's share of the optimizer's momentum at ``params`` kept at most ``bound`` times the
+    base losses' share (``GRAD_BOUND_ON "momentum"``, above). Call once per step, before backward;
+    ``state_dict`` / ``load_state_dict`` carry both shares through checkpoints."""
+
+    def __init__(self, bound):
+        self.bound = bound
+        self.inter = None  # L_inter's share of the momentum at the measured parameters [N], float32
+        self.base = None  # the base losses' share [N]
+
+    def __call__(self, loss, reference, params, momentum):
+        """(loss with the same value and its gradient scaled by ``s``, the share's ratio before the
+        bound ``|mu m_inter + g_inter| / |mu m_base + g_base|`` or None, ``s``). ``momentum``: the
+        optimizer's (``mu``; 0 is the per-step bound). Where the base losses have never sent a
+        gradient to ``params`` the loss is left as it is (as ``bound_influence``)."""
+        if not params:
+            return loss, None, 1.0
+        grad, base_grad = _gradient(loss, params), _gradient(reference, params)
+        if self.inter is None or self.inter.shape != grad.shape:  # first step (or another layer)
+            self.inter, self.base = torch.zeros_like(grad), torch.zeros_like(grad)
+        self.inter, self.base = self.inter.to(grad.device), self.base.to(grad.device)  # after a load
+        carried, base = momentum * self.inter, momentum * self.base + base_grad
+        base_norm = float(base.norm())
+        ratio = None if base_norm == 0.0 else float((carried + grad).norm()) / base_norm
+        scale = 1.0 if ratio is None else momentum_scale(carried, grad, base, self.bound)
+        self.inter, self.base = carried + scale * grad, base
+        return with_gradient_scale(loss, scale), ratio, scale
+
+    def state_dict(self):
+        return {} if self.inter is None else {"inter": self.inter.cpu(), "base": self.base.cpu()}
+
+    def load_state_dict(self, state):
+        self.inter, self.base = (state["inter"], state["base"]) if state else (None, None)

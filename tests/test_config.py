@@ -19,6 +19,7 @@ def test_defaults_are_the_papers():
     assert (iuq.MEMORY.SIZE, iuq.MEMORY.SAMPLING, iuq.MEMORY.PIXELS_PER_INSTANCE) == (100000, "instance", 50)
     assert iuq.EQUI.WEIGHT == 3.0 and tuple(iuq.EQUI.TRANSFORMS) == ("flip", "crop")
     assert tuple(iuq.EQUI.CROP_RANGE) == (0.6, 1.0) and iuq.EQUI.MODE == "full"
+    assert iuq.INTER.GRAD_BOUND == 0.0 and iuq.INTER.GRAD_BOUND_ON == "step"  # not in the paper: off
     validate_iuq_config(make_cfg())
 
 
@@ -39,6 +40,8 @@ INVALID = [
     ("INTER.WEIGHT", -2.0),
     ("INTER.WEIGHT", "1"),
     ("INTER.CHUNK_SIZE", 0),
+    ("INTER.GRAD_BOUND", -0.3),
+    ("INTER.GRAD_BOUND_ON", "adam"),
     ("MEMORY.SIZE", -1),
     ("MEMORY.SIZE", 10.5),
     ("MEMORY.SAMPLING", "sparse"),

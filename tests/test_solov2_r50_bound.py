@@ -1,15 +1,19 @@
-"""Issue 30: ``MODEL.IUQ.INTER.GRAD_BOUND`` keeps the real SOLOv2 R50's masks alive where the paper's
+"""Issue 30: ``MODEL.IUQ.INTER.GRAD_BOUND 0.3`` on the momentum's shares (``GRAD_BOUND_ON momentum``,
+the remedy the dead-mask warning names) keeps the real SOLOv2 R50's masks alive where the paper's
 setting loses them. AdelaiDet's SOLOv2 with the R50 recipe (``configs/IUQ/SOLOv2/R50_1x.yaml``),
 random initialisation, the COCO sample, issue 30's setting (``R50_COCO_SAMPLE``: 2 images a step,
 short side 320, a memory of 5,000), IUQ's weights full from step 0 (the paper's: no ramp), SEED 0.
 
 Measured with ``studies/solov2_r50_instability/run.sh`` (``paper_setting.jsonl``): without the
 bound, L_inter's gradient at the kernel head is hundreds of times the base losses' and the largest
-own-instance probability falls to 2e-3 at step 1 and below 1e-10 from step 2 on; with ρ = 0.3 it
-stays at 0.88 or more through 15 steps while the bound scales L_inter's gradient by 0.05 down to 2e-4.
+own-instance probability falls to 2e-3 at step 1 and below 1e-10 from step 2 on; with ρ = 0.3 on
+the momentum's shares it stays at 0.9 or more through 15 steps, L_inter's gradient scaled by 0.02
+at step 0 and by 0 to 1e-3 after (its share of the momentum already over the bound; with ρ = 0.3 on
+each step's gradient, the first remedy, it stays at 0.88 or more, scaled by 0.05 down to 2e-4).
 The test runs the bounded model 10 steps, past the step where the masks die without it, and the
 unbounded one 4. (With the recipe's ramp, in the issue's setting, the same seed's masks die at
-step 42 without the bound and live through 50 steps with it: too long for a test.)
+step 42 without the bound and live through 50 steps with it: too long for a test. The per-step bound
+at 0.3 failed on 2 of 6 (norm, seed) pairs there, the momentum bound on none: docs/study.md.)
 
 Slow (two R50 trainings on one CPU thread, 4 and 10 steps: ~7 min): skipped, with the reason, where detectron2,
 AdelaiDet or the COCO sample is missing."""
@@ -41,9 +45,10 @@ def _r50_own_mask_p(tmp_path, steps, *overrides):
 
 def test_the_gradient_bound_keeps_the_r50s_masks_where_the_papers_setting_loses_them(tmp_path):
     unbounded = _r50_own_mask_p(tmp_path / "paper", 4)
-    bounded = _r50_own_mask_p(tmp_path / "bounded", 10, "MODEL.IUQ.INTER.GRAD_BOUND", "0.3")
+    bounded = _r50_own_mask_p(tmp_path / "bounded", 10, "MODEL.IUQ.INTER.GRAD_BOUND", "0.3",
+                              "MODEL.IUQ.INTER.GRAD_BOUND_ON", "momentum")
     print("largest own-instance p per step, the paper's setting:", [f"{p:.2g}" for p in unbounded])
-    print("largest own-instance p per step, GRAD_BOUND 0.3:", [f"{p:.2g}" for p in bounded])
+    print("largest own-instance p per step, GRAD_BOUND 0.3 on the momentum:", [f"{p:.2g}" for p in bounded])
     # Step 0 is the same run (the bound changes no loss value, only L_inter's gradient after it).
     assert bounded[0] == pytest.approx(unbounded[0], rel=1e-5) and unbounded[0] > 0.5
     assert max(unbounded[2:]) < DEAD_MASK_P, unbounded  # every mask off, for the monitor, from step 2

@@ -69,7 +69,7 @@ def probe_table(name="probes.jsonl", every_step=True):
         print("| norm | seed | variant | tag | steps | largest own-instance p per step | first dead step |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
     else:
-        print("| norm | seed | variant | tag | steps | first dead step | dead steps | `loss_ins` last 5 (max 3) | largest raw `loss_inter` | bound bit (steps) |")
+        print("| norm | seed | variant | tag | steps | first dead step | dead steps | `loss_ins` last 5 (max 3) | largest raw `loss_inter` | bound bit (steps; median scale) |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (norm, seed, variant, tag), steps in runs.items():
         p = [s.get("own_p_max") for s in steps]
@@ -83,7 +83,8 @@ def probe_table(name="probes.jsonl", every_step=True):
         stopped = " (stopped: dead)" if steps[-1].get("stopped_dead") else ""
         tail = ", ".join(f"{s['loss_ins']:.2f}" for s in steps[-5:])
         raw = [s["raw_loss_inter"] for s in steps if s.get("raw_loss_inter") is not None]
-        bit = sum(1 for s in steps if (s.get("inter_grad_scale") or 1) < 1)
+        scales = sorted(1.0 if s.get("inter_grad_scale") is None else s["inter_grad_scale"] for s in steps)
+        bit = f"{sum(x < 1 for x in scales)}; {scales[len(scales) // 2]:.2g}"
         print(f"| {norm} | {seed} | {variant} | {tag or '—'} | {len(steps)}{stopped} | {first} | {n_dead} | {tail} | "
               f"{f'{max(raw):.1f}' if raw else '—'} | {bit if 'bound' in tag else '—'} |")
 
@@ -118,14 +119,14 @@ def bound_table(name="slim_bound.jsonl", tail=10):
         p = r["own_p_max"]
         state = "alive" if min(p[-tail:]) >= DEAD_MASK_P else ("dead" if max(p[-tail:]) < DEAD_MASK_P else "mixed")
         first = next((i for i, x in enumerate(p) if x < DEAD_MASK_P), None)
-        by[r["grad_bound"]][r["seed"]] = f"{state}" + ("" if first is None else f" (first dead step {first})")
+        by[r["grad_bound"], r.get("grad_bound_on", "step")][r["seed"]] = f"{state}" + ("" if first is None else f" (first dead step {first})")
     seeds = sorted({s for v in by.values() for s in v})
     print("| `INTER.GRAD_BOUND` | " + " | ".join(f"seed {s}" for s in seeds) + " | alive |")
     print("| --- | " + " | ".join("---" for _ in seeds) + " | --- |")
-    for bound in sorted(by):
-        cells = [by[bound].get(s, "—") for s in seeds]
+    for bound, on in sorted(by):
+        cells = [by[bound, on].get(s, "—") for s in seeds]
         alive = sum(c.startswith("alive") for c in cells)
-        label = "0 (off, the paper)" if bound == 0 else f"{bound:g}"
+        label = "0 (off, the paper)" if bound == 0 else f"{bound:g}" + ("" if on == "step" else f" on the {on}")
         print(f"| {label} | " + " | ".join(cells) + f" | {alive} of {sum(c != '—' for c in cells)} |")
 
 

@@ -24,6 +24,16 @@ paper() { mine || return 0; python3 "$HERE/probe.py" --steps 15 --no-grads --sto
     --out "$HERE/paper_setting.jsonl" --output "output/solov2_r50_paper_$I" "$@"; }
 paper --norm frozen --seed 0 --variant iuq --tag paper -- MODEL.IUQ.WARMUP_ITERS 0
 paper --norm frozen --seed 0 --variant iuq --tag paper+bound0.3 -- MODEL.IUQ.WARMUP_ITERS 0 MODEL.IUQ.INTER.GRAD_BOUND 0.3
+paper --norm frozen --seed 0 --variant iuq --tag paper+mbound0.3 -- MODEL.IUQ.WARMUP_ITERS 0 MODEL.IUQ.INTER.GRAD_BOUND 0.3 \
+    MODEL.IUQ.INTER.GRAD_BOUND_ON momentum
+# 1a. The remedy after the per-step bound failed on trainable BN seed 0 and FrozenBN seed 1 (below): the
+#     bound on L_inter's share of the optimizer's momentum (MODEL.IUQ.INTER.GRAD_BOUND_ON momentum),
+#     the recipe's ramp, 50 steps, every (norm, seed), the two failed pairs first.
+for pair in 0:bn 1:frozen 0:frozen 2:frozen 2:bn 1:bn; do
+    seed=${pair%:*} norm=${pair#*:}
+    probe --norm "$norm" --seed "$seed" --variant iuq --tag mbound0.3 -- MODEL.IUQ.INTER.GRAD_BOUND 0.3 \
+        MODEL.IUQ.INTER.GRAD_BOUND_ON momentum
+done
 # 1. The issue's setting (the recipe's ramp), 50 steps. First what the issue asks to show, per
 #    (seed, norm): IUQ on with the bound, the IUQ-off twin, the `augment` twin; then IUQ on without
 #    the bound (the paper's; a control: does the run need the bound?), which stops early if it dies.

@@ -7,6 +7,7 @@ seeded as train_net seeds) and appends the largest own-instance probability per 
 ``slim_bound.jsonl``; a (seed, bound) already there is skipped, so a rerun resumes.
 
     OMP_NUM_THREADS=1 python studies/solov2_r50_instability/slim_bound.py --seeds 0 1 2 3 4 --bounds 0 0.3 1 3
+    OMP_NUM_THREADS=1 python studies/solov2_r50_instability/slim_bound.py --bounds 0.3 --on momentum
     python studies/solov2_r50_instability/report.py      # the table
 """
 import argparse
@@ -28,6 +29,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--bounds", type=float, nargs="+", default=[0.0, 0.3, 1.0, 3.0])
+    p.add_argument("--on", choices=["step", "momentum"], default="step", help="MODEL.IUQ.INTER.GRAD_BOUND_ON")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--out", default=str(HERE / "slim_bound.jsonl"))
     args = p.parse_args()
@@ -35,14 +37,15 @@ def main():
 
     from test_dead_masks import _own_mask_p_per_step
 
-    done = {(r["seed"], r["grad_bound"]) for r in rows(args.out)}
+    done = {(r["seed"], r["grad_bound"], r.get("grad_bound_on", "step")) for r in rows(args.out)}
     for seed in args.seeds:
         for bound in args.bounds:
-            if (seed, bound) in done:
+            if (seed, bound, args.on) in done:
                 continue
             p_max = _own_mask_p_per_step(Path(tempfile.mkdtemp()), args.steps, *PAPER, "SEED", str(seed),
-                                         "MODEL.IUQ.INTER.GRAD_BOUND", repr(float(bound)))
-            row = {"seed": seed, "grad_bound": bound, "setting": "paper (WARMUP_ITERS 0, lr 0.01, lr warm-up 50)",
+                                         "MODEL.IUQ.INTER.GRAD_BOUND", repr(float(bound)),
+                                         "MODEL.IUQ.INTER.GRAD_BOUND_ON", args.on)
+            row = {"seed": seed, "grad_bound": bound, "grad_bound_on": args.on, "setting": "paper (WARMUP_ITERS 0, lr 0.01, lr warm-up 50)",
                    "own_p_max": [round(x, 5) for x in p_max]}
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")

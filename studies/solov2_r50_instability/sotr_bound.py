@@ -7,6 +7,7 @@ per step (the dead-mask monitor's reading) and the bound's ratio and scale. One 
 ``sotr_bound.jsonl``; a (seed, bound) already there is skipped, so a rerun resumes.
 
     OMP_NUM_THREADS=1 ~/.cache/iuq-ci/venv-sotr/bin/python studies/solov2_r50_instability/sotr_bound.py --seeds 0 --bounds 0 0.3
+    OMP_NUM_THREADS=1 ~/.cache/iuq-ci/venv-sotr/bin/python studies/solov2_r50_instability/sotr_bound.py --seeds 0 --bounds 0.3 --on momentum
     python studies/solov2_r50_instability/report.py      # the table
 """
 import argparse
@@ -26,6 +27,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--bounds", type=float, nargs="+", default=[0.0, 0.3])
+    p.add_argument("--on", choices=["step", "momentum"], default="step", help="MODEL.IUQ.INTER.GRAD_BOUND_ON")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default=str(HERE / "sotr_bound.jsonl"))
     args = p.parse_args()
@@ -40,13 +42,14 @@ def main():
 
     from iuq.engine.trainer import IUQTrainer
 
-    done = {(r["seed"], r["grad_bound"]) for r in rows(args.out)}
+    done = {(r["seed"], r["grad_bound"], r.get("grad_bound_on", "step")) for r in rows(args.out)}
     for seed in args.seeds:
         for bound in args.bounds:
-            if (seed, bound) in done:
+            if (seed, bound, args.on) in done:
                 continue
             opts = SMALL + MODEL_SMALL["SOTR"] + ["OUTPUT_DIR", tempfile.mkdtemp(), "SEED", str(seed),
-                                                  "MODEL.IUQ.INTER.GRAD_BOUND", repr(float(bound))]
+                                                  "MODEL.IUQ.INTER.GRAD_BOUND", repr(float(bound)),
+                                                  "MODEL.IUQ.INTER.GRAD_BOUND_ON", args.on]
             cfg = train_net.setup(train_net.default_argument_parser().parse_args(
                 ["--config-file", str(CONFIGS["SOTR"])] + opts))
             seed_all_rng(seed)
@@ -60,7 +63,7 @@ def main():
 
             trainer.bounded_inter_loss = spy
             p_max = own_mask_p_per_step(trainer, args.steps)
-            row = {"seed": seed, "grad_bound": bound, "steps": args.steps,
+            row = {"seed": seed, "grad_bound": bound, "grad_bound_on": args.on, "steps": args.steps,
                    "setting": "tests' small SOTR (256 px, BN, lr 1e-4), WARMUP_ITERS 0",
                    "own_p_max": [round(x, 6) for x in p_max],
                    "inter_grad_ratio": [None if r is None else round(r, 3) for r, _ in bounds],

@@ -86,10 +86,12 @@ def count_dead_steps(p, dead_steps):
             "to the batch, as the SOLOv2 and SOTR recipes do: that kept the masks alive on every "
             "seed of our runs, from random initialisation and from a trained trunk. Where a ramp is "
             "not enough (the real SOLOv2 R50 from random initialisation), bound L_inter's influence: "
-            "MODEL.IUQ.INTER.GRAD_BOUND 0.3 caps its gradient at the query head at 0.3x the base "
-            "losses' (its value, and every step where it stays below, unchanged; it kept the slim "
-            "SOLOv2's masks on 4 seeds of 5 where the paper's setting lost them on all; on the R50 "
-            "with trainable BN one seed died at 0.3 and lived at 0.1, where the bound mutes L_inter "
-            "to ~1% of its weight: docs/study.md, 'A bound on L_inter's influence')."
+            "MODEL.IUQ.INTER.GRAD_BOUND 0.3 MODEL.IUQ.INTER.GRAD_BOUND_ON momentum keeps L_inter's "
+            "share of the optimizer's momentum at the query head at most 0.3x the base losses' (its "
+            "value, and every step where it stays below, unchanged). It kept the R50's masks through "
+            "50 steps on every (norm, seed) pair run, where the bound on each step's gradient alone "
+            "(GRAD_BOUND_ON step) lost them on 2 of 6; from random initialisation it does so by "
+            "holding L_inter back on most steps (watch iuq/inter_grad_scale; docs/study.md, 'A bound "
+            "on L_inter's influence')."
         )
     return dead_steps

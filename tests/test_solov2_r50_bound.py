@@ -13,7 +13,8 @@ each step's gradient, the first remedy, it stays at 0.88 or more, scaled by 0.05
 The test runs the bounded model 10 steps, past the step where the masks die without it, and the
 unbounded one 4. (With the recipe's ramp, in the issue's setting, the same seed's masks die at
 step 42 without the bound and live through 50 steps with it: too long for a test. The per-step bound
-at 0.3 failed on 2 of 6 (norm, seed) pairs there, the momentum bound on none: docs/study.md.)
+at 0.3 failed on 2 of the 5 (norm, seed) pairs run there; the momentum bound kept all 6 through 50
+steps, one of them dying at step 50: docs/study.md.)
 
 Slow (two R50 trainings on one CPU thread, 4 and 10 steps: ~7 min): skipped, with the reason, where detectron2,
 AdelaiDet or the COCO sample is missing."""

@@ -198,7 +198,7 @@ class IUQTrainer(DefaultTrainer):
         loss = loss_dict["loss_inter"]
         base = [v for k, v in loss_dict.items() if k not in ("loss_inter", "loss_equi")]
         params = nearest_parameters(cap.queries, self.model)
-        if not base or not params:
+        if not base or not params:  # (the momentum's shares skip this step: they neither decay nor grow)
             return loss
         if not self._bound_logged:
             names = {id(p): n for n, p in self.model.named_parameters()}

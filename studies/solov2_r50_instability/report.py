@@ -10,6 +10,8 @@
   monitor's reading: largest p < DEAD_MASK_P);
 - ``runs50.jsonl`` (``run.sh``: ``probe.py --steps 50``): the same per run, for the issue's 50 steps,
   seeds 0-2, both norms, with the option on and off and the IUQ-off and ``augment`` twins;
+- ``runs70.jsonl`` (``probe.py --steps 70``): FrozenBN seed 0 with the momentum bound carried past
+  the grid's 50 steps (it died at step 50), and its IUQ-off and ``augment`` twins carried as far;
 - ``runs50_constant_lr.jsonl``: the first 50-step run, cut at step 37 when it was found that
   ``probe.py`` did not step the lr scheduler (so the lr stayed at the warm-up's first value,
   1e-4, as in every run of ``probes.jsonl``); kept because every run made is reported;
@@ -136,5 +138,6 @@ if __name__ == "__main__":
     probe_table("runs50_constant_lr.jsonl", every_step=False)
     probe_table("paper_setting.jsonl")
     probe_table("runs50.jsonl", every_step=False)
+    probe_table("runs70.jsonl", every_step=False)
     bound_table()
     bound_table("sotr_bound.jsonl", tail=5)

@@ -53,4 +53,11 @@ done
 probe --norm bn --seed 0 --variant iuq --tag bound0.3+equi0 -- MODEL.IUQ.INTER.GRAD_BOUND 0.3 MODEL.IUQ.EQUI.WEIGHT 0.0
 probe --norm bn --seed 0 --variant iuq --tag inter0 -- MODEL.IUQ.INTER.WEIGHT 0.0
 probe --norm bn --seed 0 --variant iuq --tag bound0.1 -- MODEL.IUQ.INTER.GRAD_BOUND 0.1
+# 3. FrozenBN seed 0 with the momentum bound was alive at step 49 by the monitor's reading and nearly
+#    dead (docs/study.md): it and its twins carried to 70 steps (the first 50 the same trajectory).
+long() { mine || return 0; python3 "$HERE/probe.py" --steps 70 --no-grads --stop-dead 10 --skip-done \
+    --out "$HERE/runs70.jsonl" --output "output/solov2_r50_runs70_$I" "$@"; }
+long --norm frozen --seed 0 --variant iuq --tag mbound0.3 -- MODEL.IUQ.INTER.GRAD_BOUND 0.3 MODEL.IUQ.INTER.GRAD_BOUND_ON momentum
+long --norm frozen --seed 0 --variant off
+long --norm frozen --seed 0 --variant augment
 if [ "$I" -eq 0 ]; then python3 "$HERE/report.py"; fi

@@ -78,7 +78,8 @@ def test_dead_masks_are_detected_and_logged_once(trainer, caplog, monkeypatch):
         trainer.watch_dead_masks(alive, 2)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and "every mask has been off for 3 steps" in warnings[0]
-    assert "MODEL.IUQ.WARMUP_ITERS" in warnings[0] and "MODEL.IUQ.INTER.GRAD_BOUND_ON momentum" in warnings[0]  # the remedies
+    # the remedies
+    assert "MODEL.IUQ.WARMUP_ITERS" in warnings[0] and "MODEL.IUQ.INTER.GRAD_BOUND_ON momentum" in warnings[0]
     assert warnings[1] == "IUQ: the masks are alive again after 5 dead steps"
     assert "MODEL.IUQ.WARMUP_ITERS" in warnings[0]
 

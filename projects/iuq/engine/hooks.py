@@ -89,9 +89,9 @@ def count_dead_steps(p, dead_steps):
             "MODEL.IUQ.INTER.GRAD_BOUND 0.3 MODEL.IUQ.INTER.GRAD_BOUND_ON momentum keeps L_inter's "
             "share of the optimizer's momentum at the query head at most 0.3x the base losses' (its "
             "value, and every step where it stays below, unchanged). It kept the R50's masks through "
-            "50 steps on the 6 (norm, seed) pairs run (one died at step 50, its twins alive to 70), where the bound on each "
-            "step's gradient (GRAD_BOUND_ON step) lost them on 2 of 5; from random initialisation it "
-            "does so by holding L_inter back on most steps (watch iuq/inter_grad_scale; "
-            "docs/study.md, 'A bound on L_inter's influence')."
+            "50 steps on the 6 (norm, seed) pairs run (one died at step 50, its twins alive to 70), "
+            "where the bound on each step's gradient (GRAD_BOUND_ON step) lost them on 2 of 5; from "
+            "random initialisation it does so by holding L_inter back on most steps (watch "
+            "iuq/inter_grad_scale; docs/study.md, 'A bound on L_inter's influence')."
         )
     return dead_steps

@@ -60,9 +60,12 @@ def nearest_parameters(tensor, model):
     return []
 
 
-def _norm(grads):
-    squares = [g.float().pow(2).sum() for g in grads if g is not None]
-    return torch.stack(squares).sum().sqrt() if squares else None
+def _gradient(loss, params):
+    """d loss / d params as one flat float32 vector (zeros where it sends no gradient)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if loss.requires_grad \
+        else [None] * len(params)
+    return torch.cat([(torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()).flatten()
+                      for p, g in zip(params, grads)])
 
 
 def gradient_ratio(loss, reference, params):
@@ -71,13 +74,10 @@ def gradient_ratio(loss, reference, params):
     sends no gradient to ``params``; 0 where ``loss`` sends none."""
     if not params:
         return None
-    own = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if loss.requires_grad else ()
-    base = torch.autograd.grad(reference, params, retain_graph=True, allow_unused=True) \
-        if reference.requires_grad else ()
-    base_norm, own_norm = _norm(base), _norm(own)
-    if base_norm is None or float(base_norm) == 0.0:
+    base_norm = float(_gradient(reference, params).norm())
+    if base_norm == 0.0:
         return None
-    return 0.0 if own_norm is None else float(own_norm / base_norm)
+    return float(_gradient(loss, params).norm()) / base_norm
 
 
 def with_gradient_scale(loss, scale):
@@ -96,14 +96,6 @@ def bound_influence(loss, reference, params, bound):
     ratio = gradient_ratio(loss, reference, params)
     scale = 1.0 if ratio is None or ratio <= bound else bound / ratio
     return with_gradient_scale(loss, scale), ratio, scale
-
-
-def _gradient(loss, params):
-    """d loss / d params as one flat float32 vector (zeros where it sends no gradient)."""
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if loss.requires_grad \
-        else [None] * len(params)
-    return torch.cat([(torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()).flatten()
-                      for p, g in zip(params, grads)])
 
 
 def momentum_scale(carried, grad, reference, bound):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The textures study (docs/study.md, "Study 2: the textures testbed"), in its fixed order, as
-# amended on 2026-12-07 ("Amendment 1", before any run after inter/seed0). Every command is
+# amended on 2026-12-07 ("Amendment 1", before any run after inter/seed0; "Amendment 3",
+# the order of steps 2 and 3 only, on 2026-12-07 evening). Every command is
 # resumable: a run already in results.jsonl is skipped, a killed one resumes from its last
 # checkpoint. Rerun this script to continue; JOBS=2 trains two runs at once.
 #   OMP_NUM_THREADS=1 nohup bash studies/textures_condinst/run.sh > studies/textures_condinst/runner.log 2>&1 &
@@ -22,7 +23,13 @@ for seed in 0 1 2; do
     study --modes $MAIN --seeds "$seed"
     study --modes inter both --seeds "$seed" --sweep $BOUND
 done
-# 2. The open choices (issue 26, item 3) for inter and both, seeds 0-2, seed by seed: the other
+# 2. Seeds 3-4: the main modes still alive, and the bounded arms (before the option rows since
+#    Amendment 3: the primary question first; every run still runs).
+for seed in 3 4; do
+    study --modes $(alive_modes $MAIN) --seeds "$seed"
+    study --modes inter both --seeds "$seed" --sweep $BOUND
+done
+# 3. The open choices (issue 26, item 3) for inter and both, seeds 0-2, seed by seed: the other
 #    value of each key the study config pins (there: detached negatives, alpha on the positives,
 #    every positive query, one RandomChoice per batch).
 for seed in 0 1 2; do
@@ -30,9 +37,4 @@ for seed in 0 1 2; do
     study --modes inter both --seeds "$seed" --sweep MODEL.IUQ.INTER.ALPHA_WEIGHTS negatives
     study --modes inter both --seeds "$seed" --sweep MODEL.IUQ.INTER.QUERIES matched_originals
     study --modes both --seeds "$seed" --sweep MODEL.IUQ.EQUI.DRAW per_image_compose
-done
-# 3. Seeds 3-4: the main modes still alive, and the bounded arms.
-for seed in 3 4; do
-    study --modes $(alive_modes $MAIN) --seeds "$seed"
-    study --modes inter both --seeds "$seed" --sweep $BOUND
 done

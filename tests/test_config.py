@@ -42,6 +42,8 @@ INVALID = [
     ("INTER.CHUNK_SIZE", 0),
     ("INTER.GRAD_BOUND", -0.3),
     ("INTER.GRAD_BOUND_ON", "adam"),
+    ("INTER.GRAD_BOUND_MIN_SCALE", 0.5),
+    ("INTER.GRAD_BOUND_MIN_SCALE", -2.0),
     ("MEMORY.SIZE", -1),
     ("MEMORY.SIZE", 10.5),
     ("MEMORY.SAMPLING", "sparse"),
@@ -82,3 +84,16 @@ def test_missing_section_is_named():
     cfg.MODEL = CN()
     with pytest.raises(ValueError, match="MODEL.IUQ"):
         validate_iuq_config(cfg)
+
+
+@pytest.mark.parametrize("bound, on", [(0.3, "step"), (0.0, "momentum")])
+def test_a_scale_below_zero_needs_the_momentum_bound(bound, on):
+    """GRAD_BOUND_MIN_SCALE < 0 takes back L_inter's share of the momentum: without a momentum bound
+    (GRAD_BOUND_ON step, or the bound off) there is none, and the error names the keys to set."""
+    cfg = make_cfg()
+    cfg.MODEL.IUQ.INTER.GRAD_BOUND, cfg.MODEL.IUQ.INTER.GRAD_BOUND_ON = bound, on
+    cfg.MODEL.IUQ.INTER.GRAD_BOUND_MIN_SCALE = -0.5
+    with pytest.raises(ValueError, match="GRAD_BOUND_MIN_SCALE.*GRAD_BOUND > 0 and MODEL.IUQ.INTER.GRAD_BOUND_ON momentum"):
+        validate_iuq_config(cfg)
+    cfg.MODEL.IUQ.INTER.GRAD_BOUND, cfg.MODEL.IUQ.INTER.GRAD_BOUND_ON = 0.3, "momentum"
+    validate_iuq_config(cfg)

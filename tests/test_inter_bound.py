@@ -104,6 +104,47 @@ def test_momentum_scale_by_hand(carried, grad, limit, want):
     assert s == pytest.approx(want)
 
 
+@pytest.mark.parametrize("carried, grad, limit, lowest, want", [
+    ([3.0, 0.0], [1.0, 0.0], 1.0, -1.0, -1.0),  # |3 + s| <= 1 needs s <= -2: nearest in [-1, 1], -1
+    ([3.0, 0.0], [1.0, 0.0], 2.5, -1.0, -0.5),  # |3 + s| <= 2.5: the largest s, -0.5 (taken back)
+    ([3.0, 0.0], [1.0, 0.0], 2.5, -0.25, -0.25),  # ... floored at MIN_SCALE -0.25
+    ([3.0, 0.0], [1.0, 0.0], 2.5, 0.0, 0.0),  # MIN_SCALE 0: adds nothing, takes nothing back
+    ([0.0, 0.0], [3.0, 4.0], 2.0, -1.0, 0.4),  # within reach from s >= 0: as with MIN_SCALE 0
+    ([1.0, 0.0], [0.0, 1.0], 0.5, -1.0, 0.0),  # 1 + s^2 > 0.25 for every s: nearest at s = 0
+])
+def test_momentum_scale_below_zero_takes_back_a_share(carried, grad, limit, lowest, want):
+    s = momentum_scale(torch.tensor(carried), torch.tensor(grad), torch.tensor([limit, 0.0]), 1.0, lowest)
+    assert s == pytest.approx(want)
+
+
+def test_a_scale_below_zero_keeps_the_share_within_the_bound_where_zero_cannot():
+    """The SGD toy below (a base gradient that turns every step, an inter gradient of one direction
+    at half its size), bound 0.6: with scales in [0, 1] L_inter's share of the momentum is over the
+    bound on some step (the base's share nearly cancels); with GRAD_BOUND_MIN_SCALE -1 it is within
+    it on every step, the scale below 0 on the steps where it takes a share back, and the tracked
+    shares still add up to torch's SGD buffer."""
+    def run(lowest):
+        w = torch.nn.Parameter(torch.zeros(2))
+        optimizer = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+        bound, over, scales = MomentumBound(0.6, lowest), 0, []
+        for step in range(12):
+            base = (1.0 if step % 2 == 0 else -1.0) * (w * torch.tensor([2.0, 0.0])).sum()
+            inter = (w * torch.tensor([0.0, 1.0])).sum()
+            bounded, _, scale = bound(inter, base, [w], 0.9)
+            optimizer.zero_grad()
+            (base + bounded).backward()
+            optimizer.step()
+            torch.testing.assert_close(optimizer.state[w]["momentum_buffer"], bound.inter + bound.base)
+            over += float(bound.inter.norm()) > 0.6 * float(bound.base.norm()) * (1 + 1e-6)
+            scales.append(scale)
+        return over, scales
+
+    over_at_0, scales_at_0 = run(0.0)
+    over_below, scales_below = run(-1.0)
+    assert over_at_0 > 0 and min(scales_at_0) == 0.0
+    assert over_below == 0 and min(scales_below) < 0.0
+
+
 def test_momentum_bound_keeps_l_inters_share_of_the_real_sgd_buffer():
     """A parameter w [2] trained by torch's SGD (momentum 0.9) on a base loss whose gradient turns
     every step and an inter loss that pushes the same way every step, at 0.5x the base's gradient:

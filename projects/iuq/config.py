@@ -79,6 +79,13 @@ def add_iuq_config(cfg):
     # on 2 of 5 runs of the real SOLOv2 R50 from random initialisation (docs/study.md). Adds two
     # float32 buffers the size of that layer, saved in checkpoints.
     cfg.MODEL.IUQ.INTER.GRAD_BOUND_ON = "step"
+    # The smallest scale the momentum bound may put on L_inter's gradient, in [-1, 0]. 0: it can
+    # only stop adding to L_inter's share of the momentum. Below 0 it can take some back (this
+    # step's L_inter gradient applied against itself, at most |MIN_SCALE| times), which the share
+    # needs when the base losses' gradient turns and their share shrinks under it: with 0 the share
+    # sat over 3x the bound on half the steps of the real SOLOv2 R50 (docs/study.md). Only with
+    # GRAD_BOUND_ON "momentum" (a per-step bound carries no share to take back).
+    cfg.MODEL.IUQ.INTER.GRAD_BOUND_MIN_SCALE = 0.0
 
     # External memory of pixel samples from past batches (a FIFO queue).
     cfg.MODEL.IUQ.MEMORY = CN()
@@ -186,6 +193,11 @@ def validate_iuq_config(cfg):
     _check_choice(node, "INTER.QUERIES", INTER_QUERIES)
     _check_number(node, "INTER.GRAD_BOUND")
     _check_choice(node, "INTER.GRAD_BOUND_ON", GRAD_BOUND_ON)
+    _check_number(node, "INTER.GRAD_BOUND_MIN_SCALE", low=-1.0, high=0.0)
+    if node.INTER.GRAD_BOUND_MIN_SCALE < 0 and (node.INTER.GRAD_BOUND_ON != "momentum" or node.INTER.GRAD_BOUND <= 0):
+        _fail("INTER.GRAD_BOUND_MIN_SCALE", node.INTER.GRAD_BOUND_MIN_SCALE,
+              "below 0 takes back L_inter's share of the momentum: it needs MODEL.IUQ.INTER.GRAD_BOUND > 0 and "
+              "MODEL.IUQ.INTER.GRAD_BOUND_ON momentum")
     _check_number(node, "WARMUP_ITERS", integer=True)
 
     _check_number(node, "MEMORY.SIZE", integer=True)

@@ -77,7 +77,7 @@ class IUQTrainer(DefaultTrainer):
         # at the query head, training state (checkpointed with the optimizer)
         self.inter_momentum = None
         if iuq.INTER.GRAD_BOUND > 0 and iuq.INTER.GRAD_BOUND_ON == "momentum":
-            self.inter_momentum = MomentumBound(iuq.INTER.GRAD_BOUND)
+            self.inter_momentum = MomentumBound(iuq.INTER.GRAD_BOUND, iuq.INTER.GRAD_BOUND_MIN_SCALE)
             self.checkpointer.add_checkpointable("iuq_inter_momentum", self.inter_momentum)
         # Which contiguous classes are stuff (panoptic data; none for instance segmentation).
         train = cfg.DATASETS.TRAIN

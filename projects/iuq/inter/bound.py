@@ -31,6 +31,15 @@ at most ``bound`` times the base's share: per step, the largest ``s`` in [0, 1] 
 float32; training state, checkpointed). Adam's first moment is the same sum scaled by
 ``1 - beta1`` on both sides; ``mu`` is read from the optimizer's parameter group.
 
+``MODEL.IUQ.INTER.GRAD_BOUND_MIN_SCALE`` (``lowest``, in [-1, 0]; default 0) lets ``s`` go below 0.
+A scale in [0, 1] can only stop adding to L_inter's share, never take it back, and the share
+outgrows the bound whenever the base losses' gradient turns (their share then partly cancels, and
+L_inter's decays only by ``mu`` a step): on the real SOLOv2 R50 the share was over 3x the bound on
+half the steps of every run, and on one the masks died under the push it had built before
+(docs/study.md). Below 0, this step's L_inter gradient is applied against itself, as much as the
+bound needs and at most ``|lowest|`` times, cancelling part of what the momentum carries: the
+loss's value is unchanged; the step climbs L_inter by at most that much.
+
 Framework-independent: torch only.
 """
 import torch
@@ -98,10 +107,12 @@ def bound_influence(loss, reference, params, bound):
     return with_gradient_scale(loss, scale), ratio, scale
 
 
-def momentum_scale(carried, grad, reference, bound):
-    """The largest ``s`` in [0, 1] with ``|carried + s grad| <= bound |reference|`` (flat vectors);
-    where no ``s`` in [0, 1] meets it (the share carried from past steps is over the bound already),
-    the ``s`` in [0, 1] that brings ``|carried + s grad|`` nearest to it. 1 where ``grad`` is 0."""
+def momentum_scale(carried, grad, reference, bound, lowest=0.0):
+    """The largest ``s`` in [lowest, 1] with ``|carried + s grad| <= bound |reference|`` (flat
+    vectors); where no ``s`` in [lowest, 1] meets it (the share carried from past steps is over the
+    bound already, and this step's gradient cannot bring it back), the ``s`` in [lowest, 1] that
+    brings ``|carried + s grad|`` nearest to it. 1 where ``grad`` is 0. ``lowest`` <= 0."""
+    floor = float(lowest)
     gg = float(grad @ grad)
     if gg == 0.0:
         return 1.0
@@ -110,11 +121,11 @@ def momentum_scale(carried, grad, reference, bound):
     if aa + 2.0 * ag + gg <= limit:
         return 1.0
     discriminant = ag * ag - gg * (aa - limit)
-    if discriminant >= 0.0:  # the bound holds for s in [lowest, largest]
-        lowest, largest = (-ag - discriminant ** 0.5) / gg, (-ag + discriminant ** 0.5) / gg
-        if 0.0 <= largest and lowest <= 1.0:
+    if discriminant >= 0.0:  # the bound holds for s in [smallest, largest]
+        smallest, largest = (-ag - discriminant ** 0.5) / gg, (-ag + discriminant ** 0.5) / gg
+        if floor <= largest and smallest <= 1.0:
             return min(1.0, largest)  # < 1: s = 1 is over the bound
-    return min(1.0, max(0.0, -ag / gg))
+    return min(1.0, max(floor, -ag / gg))
 
 
 class MomentumBound:
@@ -122,8 +133,9 @@ class MomentumBound:
     base losses' share (``GRAD_BOUND_ON "momentum"``, above). Call once per step, before backward;
     ``state_dict`` / ``load_state_dict`` carry both shares through checkpoints."""
 
-    def __init__(self, bound):
+    def __init__(self, bound, lowest=0.0):
         self.bound = bound
+        self.lowest = lowest  # the smallest scale (GRAD_BOUND_MIN_SCALE): below 0 takes back a share
         self.inter = None  # L_inter's share of the momentum at the measured parameters [N], float32
         self.base = None  # the base losses' share [N]
 
@@ -141,7 +153,7 @@ class MomentumBound:
         carried, base = momentum * self.inter, momentum * self.base + base_grad
         base_norm = float(base.norm())
         ratio = None if base_norm == 0.0 else float((carried + grad).norm()) / base_norm
-        scale = 1.0 if ratio is None else momentum_scale(carried, grad, base, self.bound)
+        scale = 1.0 if ratio is None else momentum_scale(carried, grad, base, self.bound, self.lowest)
         self.inter, self.base = carried + scale * grad, base
         return with_gradient_scale(loss, scale), ratio, scale
 

@@ -75,13 +75,17 @@ def test_where_it_does_not_bite_the_run_is_the_papers(on, tmp_path):
         assert torch.equal(a, b), n
 
 
-def test_the_momentum_bound_bites_and_its_shares_are_checkpointed(tmp_path):
+@pytest.mark.parametrize("min_scale", ["0.0", "-1.0"])
+def test_the_momentum_bound_bites_and_its_shares_are_checkpointed(tmp_path, min_scale):
     """SOLOv2, GRAD_BOUND_ON momentum at a bound that bites (1e-3), 2 steps: L_inter's share of the
     optimizer's momentum at the kernel head ends at 1e-3 of the base losses' share (toy checks of
-    the shares against torch's SGD buffer: test_inter_bound.py); both shares are saved with the
+    the shares against torch's SGD buffer: test_inter_bound.py), with the scale floored at 0 or
+    allowed down to -1 (GRAD_BOUND_MIN_SCALE, read by the trainer); both shares are saved with the
     checkpoint and a fresh trainer resumed from it (as ``--resume`` does) carries them on."""
-    overrides = ("MODEL.IUQ.INTER.GRAD_BOUND", "1e-3", "MODEL.IUQ.INTER.GRAD_BOUND_ON", "momentum")
+    overrides = ("MODEL.IUQ.INTER.GRAD_BOUND", "1e-3", "MODEL.IUQ.INTER.GRAD_BOUND_ON", "momentum",
+                 "MODEL.IUQ.INTER.GRAD_BOUND_MIN_SCALE", min_scale)
     trainer = build("SOLOv2", tmp_path / "run", *overrides)
+    assert trainer.inter_momentum.lowest == float(min_scale)
     train(trainer, 2)
     ratio, scale = trainer.inter_bound
     shares = trainer.inter_momentum

@@ -60,4 +60,14 @@ long() { mine || return 0; python3 "$HERE/probe.py" --steps 70 --no-grads --stop
 long --norm frozen --seed 0 --variant iuq --tag mbound0.3 -- MODEL.IUQ.INTER.GRAD_BOUND 0.3 MODEL.IUQ.INTER.GRAD_BOUND_ON momentum
 long --norm frozen --seed 0 --variant off
 long --norm frozen --seed 0 --variant augment
+# 4. The momentum bound with a scale allowed below 0 (MODEL.IUQ.INTER.GRAD_BOUND_MIN_SCALE -1: L_inter's
+#    carried share taken back where it is over the bound, docs/study.md), on the pair that died under
+#    the momentum bound, 70 steps; then the rest of the grid, 50 steps.
+long --norm frozen --seed 0 --variant iuq --tag mbound0.3min-1 -- MODEL.IUQ.INTER.GRAD_BOUND 0.3 \
+    MODEL.IUQ.INTER.GRAD_BOUND_ON momentum MODEL.IUQ.INTER.GRAD_BOUND_MIN_SCALE -1.0
+for pair in 0:bn 1:frozen 2:frozen 2:bn 1:bn; do
+    seed=${pair%:*} norm=${pair#*:}
+    probe --norm "$norm" --seed "$seed" --variant iuq --tag mbound0.3min-1 -- MODEL.IUQ.INTER.GRAD_BOUND 0.3 \
+        MODEL.IUQ.INTER.GRAD_BOUND_ON momentum MODEL.IUQ.INTER.GRAD_BOUND_MIN_SCALE -1.0
+done
 if [ "$I" -eq 0 ]; then python3 "$HERE/report.py"; fi

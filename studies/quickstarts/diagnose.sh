@@ -3,9 +3,12 @@
 # the first study's `both` runs at the old defaults (loss_mask 0.61 at iteration 199 against
 # 0.25-0.32): the same run to iteration 199 (no evaluation) with each of the two defaults that
 # changed on 2026-12-01 (9f7b992: supplementary Algorithm 1) set back, and with both set back.
-# The first 200 iterations of the full run are the control (same seed, same lr up to 400).
+# The first 200 iterations of the full run are the control (same seed, same lr up to 400). Then
+# both EQUI.DRAW values at the seeds in SEEDS (default "1"). One row per run in diagnose.jsonl; a
+# run already there is skipped.
 cd "$(dirname "$0")/../.."
 HERE=studies/quickstarts
+# run NAME [OVERRIDES...]: SEED 0 unless the overrides name another (the later value wins)
 run() { name=$1; shift; out=output/quickstarts/diag_$name
     grep -q "\"name\": \"diag_$name\"" "$HERE/diagnose.jsonl" 2>/dev/null && return
     rm -rf "$out"
@@ -23,3 +26,8 @@ PY
 run per_image_compose MODEL.IUQ.EQUI.DRAW per_image_compose
 run old_defaults MODEL.IUQ.EQUI.DRAW per_image_compose MODEL.IUQ.INTER.DETACH_NEGATIVES False
 run grad_negatives MODEL.IUQ.INTER.DETACH_NEGATIVES False
+for seed in ${SEEDS:-1}; do
+    for draw in per_batch_choice per_image_compose; do
+        run "seed${seed}_$draw" SEED "$seed" MODEL.IUQ.EQUI.DRAW "$draw"
+    done
+done
